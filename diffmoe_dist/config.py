@@ -1,0 +1,445 @@
+"""One typed config tree, loaded from YAML with ``--set a.b=value`` overrides.
+
+Every section is a dataclass; unknown keys, wrong types and impossible values raise ``ValueError``
+naming the dotted key and the numbers involved, before any process-group work starts. The resolved
+config (after presets and overrides) is what gets saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
+INFER_MODES = ("static", "dynamic", "gamma", "independent")
+SAMPLERS = ("euler", "heun", "dopri5", "sde")
+
+
+@dataclass
+class ModelConfig:
+    # A registry name (see models/registry.py) fills the architecture fields before the other keys of
+    # this section apply, so `name: DiffMoE-S-E16` plus `input_size: 16` is a valid override.
+    name: str = ""
+    input_size: int = 32  # latent (or image) side, pixels of the model input
+    in_channels: int = 4
+    patch_size: int = 2
+    depth: int = 12
+    hidden_size: int = 384
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    norm_impl: str = "torch"  # torch | apex (fused LayerNorm where NVIDIA apex is importable)
+
+
+@dataclass
+class MoEConfig:
+    mode: str = "diffmoe"  # dense | tc | ec | diffmoe
+    num_experts: int = 16
+    capacity: float = 1.0  # training capacity C: k = floor(S * C / E)
+    pool_samples: int = 64  # samples per routing pool (diffmoe); part of the model, see DESIGN.md
+    predictor: bool = True  # capacity predictor (diffmoe only)
+    cp_loss_weight: float = 1.0
+    threshold_decay: float = 0.95
+    balance_loss_weight: float = 0.01  # Switch load-balancing loss (tc only)
+    # Inference rule used in eval mode (EMA model, sampling):
+    #   static: top-k with capacity infer_capacity; dynamic: the paper's rule (predictor counts, router
+    #   chooses) with learned thresholds; gamma: dynamic with one global threshold `gamma`;
+    #   independent: token -> expert e iff its own predictor probability > threshold_e (batch-independent).
+    infer_mode: str = "static"
+    infer_capacity: float = 1.0
+    gamma: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 256
+    seed: int = 0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 0.0  # 0 disables clipping
+    precision: str = (
+        "fp32"  # fp32 | bf16 (autocast); fp16 is refused (never on CPU, not needed on GPU)
+    )
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    optimizer_impl: str = "torch"  # torch | apex (FusedAdam where importable)
+    allow_pool_change: bool = False  # resume with a different moe.pool_samples only when True
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | latents
+    path: str = ""  # latents: directory with manifest.json
+    image_size: int = 16  # digits are resized to this side
+    hflip: bool = False  # paper: hflip on ImageNet; digits are not mirror symmetric
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree
+    groups: str = "torch"  # torch | deepspeed | megatron
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    timeout_s: int = 300  # process-group timeout: a hung collective fails instead of hanging
+    dedup_tokens: bool = False  # send a token once per destination rank, not once per expert
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    wandb: bool = False
+    wandb_project: str = "diffmoe-dist"
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "euler"
+    num_steps: int = 250
+    cfg_scale: float = 1.0
+    cfg_pool: str = "joint"  # joint | separate: how cond/uncond halves share a MoE pool
+    num_samples: int = 64
+    batch_size: int = 64  # per rank
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    config_json: str = ""  # optional user JSON merged into the generated config
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    engine: str = "native"  # native | deepspeed
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> Config:
+        validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML value to the dataclass field type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(
+                f"config key '{key}': expected a list of {len(args)} numbers, got {value!r}"
+            )
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {typ} for {key}")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}"
+        )
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(
+                f"unknown config key '{full}' (valid here: {', '.join(sorted(names))})"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> nested dict; values parsed as YAML scalars (``true``, ``1e-4``, ``[1,2]``)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: '{p}' is set both as a value and a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    data = data or {}
+    # A registry name (model.name) applies first, so every other key (model.*, moe.*) overrides it.
+    name = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
+    if name:
+        from diffmoe_dist.models.registry import apply_preset
+
+        apply_preset(cfg, str(name))
+    _apply(cfg, data)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML), apply ``--set`` overrides, validate. ``path=None`` starts from defaults."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file '{p}' is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file '{p}' must hold a mapping at the top level")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(data).validate()
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML, atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def config_hash_fields(cfg: Config) -> dict[str, Any]:
+    """The fields that define the model's architecture; a checkpoint from another model is refused."""
+    m = cfg.model
+    return {
+        "input_size": m.input_size,
+        "in_channels": m.in_channels,
+        "patch_size": m.patch_size,
+        "depth": m.depth,
+        "hidden_size": m.hidden_size,
+        "num_heads": m.num_heads,
+        "mlp_ratio": m.mlp_ratio,
+        "num_classes": m.num_classes,
+        "moe_mode": cfg.moe.mode,
+        "num_experts": cfg.moe.num_experts if cfg.moe.mode != "dense" else 0,
+        "predictor": bool(cfg.moe.predictor and cfg.moe.mode == "diffmoe"),
+    }
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> None:
+    if value not in options:
+        raise ValueError(f"config key '{key}' = {value!r}; expected one of {', '.join(options)}")
+
+
+def _positive(value: float, key: str, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ValueError(f"config key '{key}' = {value}; must be {'> 0' if strict else '>= 0'}")
+
+
+def validate(cfg: Config) -> None:
+    m, moe, t = cfg.model, cfg.moe, cfg.train
+    for key in (
+        "input_size",
+        "in_channels",
+        "patch_size",
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "num_classes",
+    ):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.input_size % m.patch_size:
+        raise ValueError(
+            f"model.input_size={m.input_size} is not divisible by model.patch_size={m.patch_size}"
+        )
+    if m.hidden_size % m.num_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}"
+        )
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        raise ValueError(f"model.class_dropout_prob={m.class_dropout_prob}; must be in [0, 1)")
+    _choice(m.norm_impl, ("torch", "apex"), "model.norm_impl")
+    _choice(moe.mode, ROUTING_MODES, "moe.mode")
+    if moe.num_experts < 1:
+        raise ValueError(f"moe.num_experts={moe.num_experts}; must be >= 1")
+    _positive(moe.capacity, "moe.capacity")
+    _positive(moe.infer_capacity, "moe.infer_capacity")
+    if moe.pool_samples < 1:
+        raise ValueError(f"moe.pool_samples={moe.pool_samples}; must be >= 1")
+    _choice(moe.infer_mode, INFER_MODES, "moe.infer_mode")
+    if not 0.0 <= moe.threshold_decay < 1.0:
+        raise ValueError(f"moe.threshold_decay={moe.threshold_decay}; must be in [0, 1)")
+    if not 0.0 < moe.gamma < 1.0:
+        raise ValueError(f"moe.gamma={moe.gamma}; must be a probability in (0, 1)")
+    _positive(moe.cp_loss_weight, "moe.cp_loss_weight", strict=False)
+    _positive(moe.balance_loss_weight, "moe.balance_loss_weight", strict=False)
+    if moe.infer_mode in ("dynamic", "gamma", "independent") and not (
+        moe.mode == "diffmoe" and moe.predictor
+    ):
+        raise ValueError(
+            f"moe.infer_mode={moe.infer_mode!r} needs the capacity predictor "
+            f"(moe.mode='diffmoe' and moe.predictor=true; got mode={moe.mode!r}, predictor={moe.predictor})"
+        )
+    for key in ("steps", "global_batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        _positive(getattr(t, key), f"train.{key}")
+    _positive(t.lr, "train.lr")
+    _positive(t.warmup_steps, "train.warmup_steps", strict=False)
+    _positive(t.grad_clip, "train.grad_clip", strict=False)
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={t.ema_decay}; must be in [0, 1)")
+    if t.precision == "fp16":
+        raise ValueError(
+            "train.precision='fp16' is not supported (fp16 is unreliable on CPU and needs loss scaling); "
+            "use 'bf16' or 'fp32'"
+        )
+    _choice(t.precision, ("fp32", "bf16"), "train.precision")
+    _choice(t.optimizer_impl, ("torch", "apex"), "train.optimizer_impl")
+    _choice(cfg.data.name, ("digits", "latents"), "data.name")
+    if cfg.data.name == "latents" and not cfg.data.path:
+        raise ValueError("data.path must name a latent-shard directory when data.name='latents'")
+    p = cfg.parallel
+    if p.ep < 1:
+        raise ValueError(f"parallel.ep={p.ep}; must be >= 1")
+    if moe.mode == "dense" and p.ep > 1:
+        raise ValueError(
+            f"parallel.ep={p.ep} with moe.mode='dense': a dense FFN has no experts to shard"
+        )
+    if moe.mode != "dense" and moe.num_experts % p.ep:
+        raise ValueError(f"parallel.ep={p.ep} does not divide moe.num_experts={moe.num_experts}")
+    _choice(p.groups, ("torch", "deepspeed", "megatron"), "parallel.groups")
+    _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    _positive(p.timeout_s, "parallel.timeout_s")
+    s = cfg.sample
+    _choice(s.sampler, SAMPLERS, "sample.sampler")
+    _choice(s.cfg_pool, ("joint", "separate"), "sample.cfg_pool")
+    for key in ("num_steps", "num_samples", "batch_size"):
+        _positive(getattr(s, key), f"sample.{key}")
+    _choice(cfg.engine, ("native", "deepspeed"), "engine")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ValueError(
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; supported: 0, 1, 2 "
+            "(ZeRO-3 partitions expert parameters across the expert-parallel group, which the MoE layer "
+            "does not support)"
+        )
+
+
+def validate_layout(cfg: Config, world_size: int) -> dict[str, int]:
+    """Check the configured model can be realised on ``world_size`` ranks; return the derived sizes.
+
+    Raises ValueError with every number when the global batch, ep or pool cannot be laid out.
+    """
+    G, ep, P = cfg.train.global_batch_size, cfg.parallel.ep, cfg.moe.pool_samples
+    if G % world_size:
+        raise ValueError(
+            f"train.global_batch_size={G} is not divisible by the world size {world_size}"
+        )
+    if world_size % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the world size {world_size}")
+    micro = G // world_size
+    info = {"world_size": world_size, "ep": ep, "dp": world_size // ep, "micro_batch": micro}
+    # diffmoe routes over pools; tc takes its load-balancing statistics over the same pools.
+    if cfg.moe.mode in ("diffmoe", "tc"):
+        if G % P:
+            raise ValueError(
+                f"moe.pool_samples={P} does not divide train.global_batch_size={G}: "
+                "the global batch is cut into pools of pool_samples consecutive samples"
+            )
+        if micro % P == 0:
+            info["pool_span"] = 1
+        elif P % micro == 0 and ep % (P // micro) == 0:
+            info["pool_span"] = P // micro
+        else:
+            raise ValueError(
+                f"this layout cannot realise moe.pool_samples={P}: micro-batch is {micro} "
+                f"(global batch {G} / world {world_size}); pool_samples must divide the micro-batch, or be "
+                f"m x micro-batch with m dividing parallel.ep={ep}"
+            )
+    else:
+        info["pool_span"] = 1
+    return info

@@ -1,0 +1,350 @@
+"""The MoE FFN of DiffMoE: router -> select -> dispatch -> experts -> combine, four routing modes.
+
+Shapes: x [B, T, D] (B samples of T tokens), flattened to N = B*T tokens; E experts of the layer
+(E_local of them on this rank under expert parallelism); scores [N, E].
+
+Routing modes (one layer, chosen by config):
+  dense    plain FFN, no router.
+  tc       token choice: softmax gate, each token goes to its top-1 expert (ties -> lower expert),
+           weight = its probability; Switch load-balancing loss over the pool.
+  ec       expert choice within each image: every expert takes its top-k of the image's T tokens,
+           k = floor(T * C / E).
+  diffmoe  expert choice over a pool of `pool_samples` consecutive samples (S = pool_samples * T
+           tokens): every expert takes its top-k, k = floor(S * C / E). Scores are the softmax over
+           experts *before* selection and are not renormalised; a token chosen by no expert gets 0.
+
+The layer never talks to torch.distributed: it hands the selected tokens to a *dispatcher*
+(``LocalDispatcher`` here; parallel/dispatch.py installs an all-to-all one). When a pool spans
+several ranks, the dispatcher also gathers the pool's scores so every rank of the pool computes the
+same selection; the combine weight is applied on the token's own rank.
+
+Losses and statistics of the last forward are left in ``layer.stats`` (an ``MoEStats``); the trainer
+collects them. Thresholds move only in ``update_thresholds``, which the trainer calls after the
+optimizer step with the average over all pools of the step (the all-reduce lives in the trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffmoe_dist.models.routing import capacity_k, kth_largest, token_choice, topk_mask
+
+ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
+INFER_RULES = ("static", "dynamic", "gamma", "independent")
+
+
+class FeedForward(nn.Module):
+    """The DiT FFN: Linear(D, H) -> GELU(tanh) -> Linear(H, D), with biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class StackedExperts(nn.Module):
+    """E full-width DiT FFNs stored as stacked weights, computed with batched matmuls.
+
+    w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]. Under expert parallelism a rank keeps a slice of
+    ``num_experts`` experts starting at global index ``expert_offset`` (checkpoints use global indices).
+    ``forward`` takes tokens grouped by expert (ascending), with ``counts[e]`` rows for local expert e.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, expert_offset: int = 0):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.expert_offset = expert_offset
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # xavier-uniform per expert with the fans of nn.Linear(D, H) / nn.Linear(H, D), as DiT inits FFNs.
+        bound = math.sqrt(6.0 / (self.dim + self.hidden))
+        with torch.no_grad():
+            self.w1.uniform_(-bound, bound, generator=generator)
+            self.w2.uniform_(-bound, bound, generator=generator)
+            self.b1.zero_()
+            self.b2.zero_()
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
+        E = self.num_experts
+        c = counts.tolist()
+        if len(set(c)) == 1:
+            # Static shapes (training: every expert takes exactly k tokens): one bmm per matrix.
+            h = x.view(E, c[0], self.dim)
+            return self._ffn(h).reshape(-1, self.dim)
+        # Uneven counts (inference, token choice): scatter into [E, max_count, D], bmm, gather back.
+        max_c = max(c)
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+        buf = x.new_zeros(E, max_c, self.dim)
+        buf[expert_of_row, pos] = x
+        return self._ffn(buf)[expert_of_row, pos]
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        h = torch.baddbmm(self.b1.unsqueeze(1).to(h.dtype), h, self.w1.to(h.dtype))  # [E, c, H]
+        h = F.gelu(h, approximate="tanh")
+        return torch.baddbmm(self.b2.unsqueeze(1).to(h.dtype), h, self.w2.to(h.dtype))  # [E, c, D]
+
+    def loop_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The slow, obvious reference: one expert at a time."""
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            xe = x[start : start + n]
+            h = F.gelu(xe @ self.w1[e] + self.b1[e], approximate="tanh")
+            outs.append(h @ self.w2[e] + self.b2[e])
+            start += n
+        return torch.cat(outs, 0) if outs else x.new_zeros(0, self.dim)
+
+
+class CapacityPredictor(nn.Module):
+    """Linear(D, D) -> SiLU -> Linear(D, E): logit that expert e would choose the token."""
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class Dispatcher(Protocol):
+    """What the MoE layer needs from parallelism (see parallel/dispatch.py for the all-to-all one)."""
+
+    pool_span: int  # ranks one training pool spans (1: pools live within this rank)
+    pool_index: int  # this rank's position inside its pool group
+
+    def gather_pool(self, t: torch.Tensor) -> torch.Tensor:
+        """[N_local, E] -> [pool_span * N_local, E] in global token order (no autograd)."""
+        ...
+
+    def run_experts(
+        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+    ) -> torch.Tensor:
+        """x [M, D] grouped by *global* expert (ascending), counts [E] -> expert outputs [M, D]."""
+        ...
+
+
+class LocalDispatcher:
+    """ep = 1: every expert is here, tokens are already grouped by expert; nothing moves."""
+
+    pool_span = 1
+    pool_index = 0
+
+    def __init__(self, use_loop: bool = False):
+        self.use_loop = use_loop
+
+    def gather_pool(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def run_experts(
+        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+    ) -> torch.Tensor:
+        if self.use_loop:
+            return experts.loop_forward(x, counts)
+        return experts(x, counts)
+
+
+@dataclass
+class MoEStats:
+    """What one forward of an MoE layer leaves for the trainer / sampler (all local to this rank)."""
+
+    tokens: int = 0  # N tokens routed on this rank
+    pairs: int = 0  # (token, expert) pairs processed for this rank's tokens
+    num_experts: int = 0
+    expert_counts: torch.Tensor | None = None  # [E] tokens of this rank per expert (long)
+    token_pairs: torch.Tensor | None = None  # [N] experts that processed each token (long)
+    cp_loss: torch.Tensor | None = None  # predictor BCE (mean over this rank's tokens)
+    balance_loss: torch.Tensor | None = None  # tc Switch loss
+    kth_sum: torch.Tensor | None = (
+        None  # [E] sum over this step's pools of the k-th largest probability
+    )
+    kth_count: int = 0  # number of pools summed into kth_sum
+    pred_mask: torch.Tensor | None = None  # [N, E] predictor says "chosen" (sigmoid > threshold)
+    route_mask: torch.Tensor | None = None  # [N, E] actual routing
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> float:
+        """Realised capacity: pairs per token, so static top-k with capacity C gives exactly C.
+
+        (Equivalently the mean over experts of k_e / (S / E).)
+        """
+        return self.pairs / max(self.tokens, 1)
+
+
+class MoELayer(nn.Module):
+    """One MoE FFN. ``mode`` in dense | tc | ec | diffmoe; see the module docstring."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        mode: str = "diffmoe",
+        capacity: float = 1.0,
+        pool_samples: int = 64,
+        predictor: bool = True,
+        threshold_decay: float = 0.95,
+        layer_id: int = 0,
+    ):
+        super().__init__()
+        if mode not in ROUTING_MODES:
+            raise ValueError(f"moe mode {mode!r}; expected one of {ROUTING_MODES}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts={num_experts}; must be >= 1")
+        if capacity <= 0:
+            raise ValueError(f"capacity={capacity}; must be > 0")
+        self.dim, self.hidden, self.num_experts, self.mode = dim, hidden, num_experts, mode
+        self.capacity, self.pool_samples, self.layer_id = capacity, pool_samples, layer_id
+        self.threshold_decay = threshold_decay
+        self.has_predictor = mode == "diffmoe" and predictor
+        if mode == "dense":
+            self.ffn = FeedForward(dim, hidden)
+        else:
+            self.router = nn.Linear(dim, num_experts, bias=False)
+            self.experts = StackedExperts(num_experts, dim, hidden)
+        if self.has_predictor:
+            self.predictor = CapacityPredictor(dim, num_experts)
+        # One threshold per expert (global index), moved by update_thresholds after the optimizer step.
+        self.register_buffer("thresholds", torch.zeros(num_experts))
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.infer_rule, self.infer_capacity, self.gamma = "static", 1.0, 0.4
+        self.stats = MoEStats()
+
+    # ------------------------------------------------------------------------------------------------
+    def set_inference(self, rule: str, capacity: float = 1.0, gamma: float = 0.4) -> None:
+        if rule not in INFER_RULES:
+            raise ValueError(f"inference rule {rule!r}; expected one of {INFER_RULES}")
+        if rule != "static" and not self.has_predictor:
+            raise ValueError(f"inference rule {rule!r} needs the capacity predictor (mode diffmoe)")
+        self.infer_rule, self.infer_capacity, self.gamma = rule, capacity, gamma
+
+    @torch.no_grad()
+    def update_thresholds(self, mean_kth: torch.Tensor) -> None:
+        """EMA step: threshold <- decay * threshold + (1 - decay) * mean k-th largest probability."""
+        d = self.threshold_decay
+        self.thresholds.mul_(d).add_(mean_kth.to(self.thresholds), alpha=1.0 - d)
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        if self.mode == "dense":
+            self.stats = MoEStats(tokens=B * T, pairs=B * T, num_experts=1)
+            return self.ffn(x)
+        xf = x.reshape(B * T, D)  # [N, D]
+        N, E = B * T, self.num_experts
+        # Routing math in fp32 even under autocast: selection must not depend on bf16 rounding.
+        scores = torch.softmax(self.router(xf).float(), dim=-1)  # [N, E]
+        pred_logits = self.predictor(xf.detach()).float() if self.has_predictor else None
+        stats = MoEStats(tokens=N, num_experts=E)
+        mask = self._route(scores, pred_logits, B, T, stats)  # [N, E] bool, this rank's tokens
+        if pred_logits is not None and self.training:
+            stats.cp_loss = F.binary_cross_entropy_with_logits(pred_logits, mask.float())
+        if pred_logits is not None:
+            stats.pred_mask = torch.sigmoid(pred_logits.detach()) > self.thresholds
+        exp_idx, tok_idx = mask.t().nonzero(as_tuple=True)  # grouped by expert, then token index
+        counts = mask.sum(0)  # [E]
+        weights = scores[tok_idx, exp_idx]  # [M] combine weights, not renormalised
+        y_sel = self.dispatcher.run_experts(xf[tok_idx], counts, self.experts, self.layer_id)
+        out = torch.zeros_like(xf).index_add_(0, tok_idx, (y_sel * weights[:, None]).to(xf.dtype))
+        stats.pairs = int(tok_idx.numel())
+        stats.expert_counts = counts.detach()
+        stats.token_pairs = mask.sum(1).detach()
+        stats.route_mask = mask
+        self.stats = stats
+        return out.view(B, T, D)
+
+    # ------------------------------------------------------------------------------------------------
+    def _pools(self, B: int, T: int) -> tuple[int, int, int]:
+        """(pools on this rank, tokens per pool S, span) for diffmoe / tc pooling."""
+        span = self.dispatcher.pool_span if self.training else 1
+        P = self.pool_samples
+        if span > 1:
+            if P != span * B:
+                raise ValueError(
+                    f"pool of {P} samples cannot span {span} ranks with micro-batch {B} (needs {P // span})"
+                )
+            return 1, P * T, span
+        if self.training:
+            if B % P:
+                raise ValueError(
+                    f"micro-batch {B} is not a multiple of moe.pool_samples={P} "
+                    "(pools are pool_samples consecutive samples)"
+                )
+            return B // P, P * T, 1
+        # Inference: pools of pool_samples when they tile the batch, else the whole batch is one pool.
+        if B % P == 0:
+            return B // P, P * T, 1
+        return 1, B * T, 1
+
+    def _pool_view(self, t: torch.Tensor, pools: int, S: int, span: int) -> torch.Tensor:
+        """[N, E] local -> [pools, S, E] over the whole pool (gathered across ranks when span > 1)."""
+        if span > 1:
+            t = self.dispatcher.gather_pool(t)
+        return t.reshape(pools, S, t.shape[-1])
+
+    def _local(self, pool_mask: torch.Tensor, N: int, span: int) -> torch.Tensor:
+        flat = pool_mask.reshape(-1, pool_mask.shape[-1])
+        if span > 1:
+            start = self.dispatcher.pool_index * N
+            return flat[start : start + N]
+        return flat
+
+    def _route(
+        self,
+        scores: torch.Tensor,
+        pred_logits: torch.Tensor | None,
+        B: int,
+        T: int,
+        stats: MoEStats,
+    ) -> torch.Tensor:
+        E, N = self.num_experts, B * T
+        sel = scores.detach()
+        if self.mode == "tc":
+            mask = token_choice(sel)
+            if self.training:
+                pools, S, span = self._pools(B, T)
+                # Switch loss E * sum_e f_e * P_e per pool; f_e (no grad) over the whole pool. With a
+                # pool spanning `span` ranks each rank adds its share of P_e times span, so the
+                # world-averaged gradient equals one process holding the pool.
+                f = self._pool_view(mask.float(), pools, S, span).mean(1)  # [pools, E]
+                p_share = scores.reshape(pools, -1, E).sum(1) / S * span  # [pools, E]
+                stats.balance_loss = E * (f * p_share).sum(-1).mean()
+            return mask
+        if self.mode == "ec":
+            C = self.capacity if self.training else self.infer_capacity
+            return topk_mask(sel.view(B, T, E), capacity_k(T, C, E)).view(N, E)
+        # diffmoe
+        pools, S, span = self._pools(B, T)
+        pool_scores = self._pool_view(sel, pools, S, span)  # [pools, S, E]
+        probs = torch.sigmoid(pred_logits.detach()) if pred_logits is not None else None
+        if self.training or self.infer_rule == "static":
+            C = self.capacity if self.training else self.infer_capacity
+            k = capacity_k(S, C, E)
+            pool_mask = topk_mask(pool_scores, k)
+            if self.training and probs is not None:
+                kth = kth_largest(self._pool_view(probs, pools, S, span), k)  # [pools, E]
+                stats.kth_sum, stats.kth_count = kth.sum(0), pools
+            return self._local(pool_mask, N, span)
+        thr = self.thresholds if self.infer_rule in ("dynamic", "independent") else self.gamma
+        if self.infer_rule == "independent":
+            return probs > thr  # each token on its own: independent of its batch-mates
+        # dynamic / gamma: the predictor counts how many pool tokens expert e takes, the router chooses.
+        k_e = (self._pool_view(probs, pools, S, span) > thr).sum(1)  # [pools, E]
+        return self._local(topk_mask(pool_scores, k_e), N, span)

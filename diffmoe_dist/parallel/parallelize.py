@@ -1,0 +1,231 @@
+"""Apply expert and data parallelism to an unchanged DiffMoE, and the collectives around a step.
+
+Order of a training step under this module (DESIGN.md section 2):
+    build_parallel_state(cfg, world, rank)      groups, created in the same order on every rank
+    parallelize_model(model, ps)                 1. shard experts  2. install the dispatcher
+    forward / backward                           the dispatcher's all-to-alls are the only collectives
+    average_gradients(model, ps)                 dense: SUM over world / W; experts: SUM over edp / W
+    optimizer.step()
+    reduce_thresholds(model, ps)                 kth statistics SUM over world, then the EMA update
+
+Every collective names its group; with world_size == 1 there are no groups and no collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import ProcessGroup
+
+from diffmoe_dist.config import Config
+from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
+from diffmoe_dist.parallel.layout import Layout, layout_from_config
+
+
+@dataclass
+class ParallelState:
+    world_size: int
+    rank: int
+    ep: int
+    dp: int
+    ep_rank: int
+    edp_rank: int
+    pool_span: int
+    world_group: ProcessGroup | None  # None when world_size == 1 (no collectives at all then)
+    ep_group: ProcessGroup | None  # ranks sharing one set of experts (size ep)
+    edp_group: ProcessGroup | None  # ranks holding the same expert slice (size world/ep)
+    pool_group: ProcessGroup | None  # the pool_span consecutive ep ranks one pool spans
+    layout: Layout | None = None
+    dedup_tokens: bool = False
+
+    @property
+    def pool_index(self) -> int:
+        return self.rank % self.pool_span
+
+
+def _new_groups(
+    groups: list[list[int]], rank: int, timeout: timedelta | None
+) -> ProcessGroup | None:
+    """Create every group of a partition (collective: all ranks, same order); return rank's own."""
+    mine = None
+    for ranks in groups:
+        g = dist.new_group(ranks=ranks, timeout=timeout)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelState:
+    """Validate the layout (ValueError with the numbers), then create the process groups.
+
+    Needs torch.distributed initialised when world_size > 1. Groups are created in a fixed order
+    (world, ep, edp, pool) on every rank, each with cfg.parallel.timeout_s.
+    """
+    lay = layout_from_config(cfg, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} outside world_size={world_size}")
+    world_group = ep_group = edp_group = pool_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            raise ValueError(f"world_size={world_size} but torch.distributed is not initialised")
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise ValueError(
+                f"world_size={world_size}, rank={rank} disagree with the process group "
+                f"(world {dist.get_world_size()}, rank {dist.get_rank()})"
+            )
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        world_group = _new_groups([list(range(world_size))], rank, timeout)
+        ep_group = _new_groups(lay.ep_groups(), rank, timeout)
+        edp_group = _new_groups(lay.edp_groups(), rank, timeout)
+        pool_group = _new_groups(lay.pool_groups(), rank, timeout)
+    return ParallelState(
+        world_size=world_size,
+        rank=rank,
+        ep=lay.ep,
+        dp=lay.dp,
+        ep_rank=lay.ep_rank(rank),
+        edp_rank=lay.edp_rank(rank),
+        pool_span=lay.pool_span,
+        world_group=world_group,
+        ep_group=ep_group,
+        edp_group=edp_group,
+        pool_group=pool_group,
+        layout=lay,
+        dedup_tokens=cfg.parallel.dedup_tokens,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+def mark_expert_params(experts: StackedExperts, ep: int) -> None:
+    """Tag expert parameters the way DeepSpeed-MoE does (allreduce=False + group_name)."""
+    for p in experts.parameters():
+        p.is_expert = True
+        p.allreduce = False
+        p.group_name = f"ep_size_{ep}"
+
+
+def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
+    """Keep only experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of one layer (in place; global offset kept)."""
+    ex = layer.experts
+    E = ex.num_experts
+    if E % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the layer's {E} experts")
+    n = E // ep
+    lo = ep_rank * n
+    for name in ("w1", "b1", "w2", "b2"):
+        full = getattr(ex, name)
+        setattr(ex, name, nn.Parameter(full.detach()[lo : lo + n].clone()))
+    ex.num_experts, ex.expert_offset = n, ex.expert_offset + lo
+
+
+def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:
+    if ps.ep == 1 and ps.pool_span == 1:
+        layer.dispatcher = LocalDispatcher()
+        return
+    from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
+
+    layer.dispatcher = AllToAllDispatcher(
+        ep=ps.ep,
+        ep_group=ps.ep_group,
+        pool_span=ps.pool_span,
+        pool_index=ps.pool_index,
+        pool_group=ps.pool_group,
+        dedup_tokens=ps.dedup_tokens,
+    )
+
+
+def parallelize_model(model: DiffMoE, ps: ParallelState) -> DiffMoE:
+    """1. shard each MoE layer's experts to this rank's slice  2. install the dispatcher.
+
+    Call before building the optimizer (expert parameters are replaced by their slices). Every rank
+    must build the model from the same seed so dense weights (and the kept slices) agree.
+    """
+    for layer in model.moe_layers():
+        if layer.mode == "dense":
+            continue
+        if ps.ep > 1:
+            shard_experts(layer, ps.ep, ps.ep_rank)
+        mark_expert_params(layer.experts, ps.ep)
+        install_dispatcher(layer, ps)
+    return model
+
+
+def is_expert_param(name: str, param: torch.Tensor) -> bool:
+    """True for parameters sharded over the expert-parallel group (reduced over edp, not world)."""
+    return bool(getattr(param, "is_expert", False)) or ".experts." in f".{name}"
+
+
+# ----------------------------------------------------------------------------------------------------
+def _all_reduce_flat(grads: list[torch.Tensor], group: ProcessGroup, scale: float) -> None:
+    """One SUM all-reduce per dtype of the flattened grads, then grad *= scale, in place."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for ts in by_dtype.values():
+        flat = _flatten_dense_tensors(ts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.mul_(scale)
+        for t, r in zip(ts, _unflatten_dense_tensors(flat, ts)):
+            t.copy_(r)
+
+
+def average_gradients(model: nn.Module, ps: ParallelState) -> None:
+    """Dense grads SUM over world_group / W; expert grads SUM over edp_group / W.
+
+    The same divide factor W for both: each rank's loss is a mean over its own micro-batch, so
+    sum/W of the per-rank gradients is the gradient of the mean over the global batch, for dense
+    parameters and for the expert slices alike (an expert's gradient already sums, through the
+    all-to-all backward, the contributions of every rank of its ep group).
+    """
+    if ps.world_size == 1:
+        return
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # keep the collectives identical on every rank
+        (expert if is_expert_param(name, p) else dense).append(p.grad)
+    scale = 1.0 / ps.world_size
+    if dense:
+        _all_reduce_flat(dense, ps.world_group, scale)
+    if expert:
+        if ps.edp_group is None or ps.world_size // ps.ep == 1:
+            for g in expert:
+                g.mul_(scale)
+        else:
+            _all_reduce_flat(expert, ps.edp_group, scale)
+
+
+@torch.no_grad()
+def reduce_thresholds(model: DiffMoE, ps: ParallelState) -> None:
+    """Post-step hook: SUM kth_sum / kth_count of every MoE layer over world_group, then the EMA.
+
+    A pool spanning m ranks is counted m times in both the sum and the count, so the mean is exact.
+    Layers without statistics (no predictor, eval forward) are skipped identically on every rank.
+    """
+    layers = [m for m in model.moe_layers() if m.stats.kth_sum is not None]
+    if not layers:
+        return
+    packed = torch.cat(
+        [
+            torch.cat(
+                [m.stats.kth_sum.float(), m.stats.kth_sum.new_tensor([m.stats.kth_count]).float()]
+            )
+            for m in layers
+        ]
+    )
+    if ps.world_size > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ps.world_group)
+    start = 0
+    for m in layers:
+        E = m.stats.kth_sum.numel()
+        kth_sum, count = packed[start : start + E], packed[start + E]
+        start += E + 1
+        m.update_thresholds(kth_sum / count.clamp(min=1.0))

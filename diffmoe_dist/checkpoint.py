@@ -1,0 +1,339 @@
+"""Sharded, atomic, verified checkpoints that can be resumed on another world size or ep degree.
+
+Layout on disk (one directory per checkpoint)::
+
+    <run.dir>/checkpoints/step-00001000/
+        .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (DCP) files, one per writing rank
+        meta.json                      step, config, layout (world, ep), pool_samples, versions
+        manifest.json                  written last: every file's size and sha256, plus meta
+
+How it stays consistent:
+- Every expert of every MoE layer is stored under its *global* index (``...experts.w1.e0007``), and so
+  is its optimizer state; dense tensors are stored once. A rank loads exactly the experts it holds
+  under the new layout, so world 2 / ep 2 resumes at world 4 / ep 4 or world 1 / ep 1 unchanged.
+- All ranks write into ``.tmp-step-XXXXXXXX``; rank 0 then writes the manifest and renames the
+  directory to ``step-XXXXXXXX`` (a rename is atomic): a checkpoint is complete or not there at all.
+- On load, rank 0 verifies the newest checkpoint against its manifest; a truncated or corrupted one
+  is skipped with a warning naming the file, and the previous good one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+
+from diffmoe_dist.config import Config, config_hash_fields
+from diffmoe_dist.models.moe import StackedExperts
+
+log = logging.getLogger(__name__)
+CKPT_PREFIX = "step-"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# flat state: every tensor under a layout-independent key
+
+
+def _expert_params(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """param name -> (global offset, local count) for stacked-expert parameters."""
+    out: dict[str, tuple[int, int]] = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, StackedExperts):
+            for p_name, _ in mod.named_parameters(recurse=False):
+                out[f"{mod_name}.{p_name}"] = (mod.expert_offset, mod.num_experts)
+    return out
+
+
+def _split(
+    key: str, t: torch.Tensor, experts: tuple[int, int] | None, out: dict[str, torch.Tensor]
+) -> None:
+    if experts is None or t.dim() == 0:
+        out[key] = t
+        return
+    offset, n = experts
+    for i in range(n):
+        out[f"{key}.e{offset + i:04d}"] = t[i]
+
+
+def model_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Views of every parameter and persistent buffer, experts split by global index."""
+    experts = _expert_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        _split(prefix + name, p.data, experts.get(name), out)
+    for name, b in model.named_buffers():
+        if name.split(".")[-1] in _non_persistent(model):
+            continue
+        out[prefix + name] = b
+    return out
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for mod in model.modules():
+        names.update(mod._non_persistent_buffers_set)
+    return names
+
+
+def optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str = "optim."
+) -> dict[str, torch.Tensor]:
+    """AdamW moments and step per parameter name (state created as zeros if the optimizer has none yet)."""
+    experts = _expert_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        st = optimizer.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                _split(f"{prefix}{name}.{k}", v, experts.get(name), out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(ckpt_root: str | os.PathLike[str]) -> list[Path]:
+    """Published checkpoint directories, newest first (by step)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith(CKPT_PREFIX):
+            try:
+                found.append((int(d.name[len(CKPT_PREFIX) :]), d))
+            except ValueError:
+                continue
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def verify_checkpoint(path: Path, full: bool = True) -> str | None:
+    """None when ``path`` matches its manifest, else a message naming the bad file."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (incomplete checkpoint)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{manifest_path} is unreadable: {e}"
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != info["size"]:
+            return f"{f} has {size} bytes, manifest says {info['size']} (truncated?)"
+        if full and _sha256(f) != info["sha256"]:
+            return f"{f} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text())["meta"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# manager
+
+
+class CheckpointManager:
+    """Saves and restores {model, ema, optimizer, thresholds (buffers), step, rng, config}."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        cfg: Config,
+        rank: int,
+        world_size: int,
+        group: dist.ProcessGroup | None,
+        keep: int = 3,
+    ):
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg, self.rank, self.world_size, self.group, self.keep = (
+            cfg,
+            rank,
+            world_size,
+            group,
+            keep,
+        )
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a save that died half-way
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def _state(
+        self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, torch.Tensor]:
+        state = model_state(model, "model.")
+        if ema is not None:
+            state.update(model_state(ema, "ema."))
+        if optimizer is not None:
+            state.update(optimizer_state(model, optimizer))
+        return state
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        ema: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        name = f"{CKPT_PREFIX}{step:08d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        state = self._state(model, ema, optimizer)
+        state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # DCP warns when no process group exists (single process)
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+        self._barrier()
+        if self.rank == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "time": time.time(),
+                "config": self.cfg.to_dict(),
+                "model_fields": config_hash_fields(self.cfg),
+                "pool_samples": self.cfg.moe.pool_samples,
+                "layout": {"world_size": self.world_size, "ep": self.cfg.parallel.ep},
+                "torch_version": torch.__version__,
+                "extra": extra or {},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            _write_json_atomic(tmp / "manifest.json", {"files": files, "meta": meta})
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
+            _fsync_dir(self.root)
+            for old in list_checkpoints(self.root)[self.keep :]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def latest_valid(self) -> Path | None:
+        """Rank 0 picks the newest checkpoint that matches its manifest; every rank gets the answer."""
+        choice: list[str | None] = [None]
+        if self.rank == 0:
+            for path in list_checkpoints(self.root):
+                problem = verify_checkpoint(path)
+                if problem is None:
+                    choice[0] = str(path)
+                    break
+                log.warning("skipping checkpoint %s: %s", path, problem)
+                warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+        if self.group is not None:
+            dist.broadcast_object_list(choice, src=0, group=self.group)
+        return Path(choice[0]) if choice[0] else None
+
+    def check_compatible(self, path: Path) -> dict[str, Any]:
+        meta = read_meta(path)
+        mine = config_hash_fields(self.cfg)
+        theirs = meta.get("model_fields", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            detail = ", ".join(
+                f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()
+            )
+            raise ValueError(f"checkpoint {path} is from another model ({detail})")
+        old_pool = meta.get("pool_samples")
+        if old_pool != self.cfg.moe.pool_samples and self.cfg.moe.mode in ("diffmoe", "tc"):
+            if not self.cfg.train.allow_pool_change:
+                raise ValueError(
+                    f"checkpoint {path} was trained with moe.pool_samples={old_pool}, the config says "
+                    f"{self.cfg.moe.pool_samples}: the pool is part of the model. Set "
+                    "train.allow_pool_change=true to resume anyway."
+                )
+            log.warning(
+                "resuming with moe.pool_samples %s -> %s (allowed)",
+                old_pool,
+                self.cfg.moe.pool_samples,
+            )
+        return meta
+
+    def load(
+        self,
+        path: Path,
+        model: nn.Module,
+        ema: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> dict[str, Any]:
+        """Restore into the (already parallelized) modules; returns the checkpoint's meta."""
+        meta = self.check_compatible(path)
+        views = self._state(model, ema, optimizer)
+        # Load into fresh buffers, then copy: expert views are slices of the stacked parameters.
+        target = {k: torch.empty_like(v) for k, v in views.items()}
+        same_world = meta["layout"]["world_size"] == self.world_size
+        if same_world:
+            target[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(target, checkpoint_id=str(path), process_group=self.group)
+        with torch.no_grad():
+            for k, v in views.items():
+                v.copy_(target[k])
+        if same_world:
+            torch.set_rng_state(target[f"rng.rank{self.rank}"])
+        return meta

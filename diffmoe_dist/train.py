@@ -1,0 +1,55 @@
+"""``diffmoe-train --config FILE [--set key=value ...]`` (also ``python -m diffmoe_dist.train``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from diffmoe_dist.config import load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffmoe-train", description=__doc__)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 (repeatable)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"diffmoe-train: error: {e}", file=sys.stderr)
+        return 2
+    from diffmoe_dist.parallel.distributed import cleanup
+
+    try:
+        if cfg.engine == "deepspeed":
+            from diffmoe_dist.trainer.deepspeed_engine import DeepSpeedTrainer as TrainerCls
+        else:
+            from diffmoe_dist.trainer.trainer import Trainer as TrainerCls
+        try:
+            trainer = TrainerCls(cfg)
+        except ValueError as e:
+            print(f"diffmoe-train: error: {e}", file=sys.stderr)
+            return 2
+        result = trainer.train()
+        if trainer.rank == 0:
+            print(f"diffmoe-train: done {result}", flush=True)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

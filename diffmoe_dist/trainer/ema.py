@@ -1,0 +1,20 @@
+"""Exponential moving average of the weights; the EMA model also carries the live MoE thresholds."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (thresholds) are copied.
+
+    Both modules must hold the same (possibly sharded) parameters in the same order.
+    """
+    for (name_e, p_e), (name_m, p_m) in zip(ema.named_parameters(), model.named_parameters()):
+        assert name_e == name_m, (name_e, name_m)
+        if p_m.requires_grad:
+            p_e.lerp_(p_m.detach(), 1.0 - decay)
+    for b_e, b_m in zip(ema.buffers(), model.buffers()):
+        b_e.copy_(b_m)

@@ -1,0 +1,43 @@
+"""AdamW (torch, or apex FusedAdam where importable) and the constant-with-warmup schedule."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from diffmoe_dist.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer_impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("FusedAdam needs CUDA")
+            return FusedAdam(
+                params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, adam_w_mode=True
+            )
+        except Exception as e:
+            log.warning(
+                "train.optimizer_impl=apex but apex FusedAdam is not usable (%s); using torch AdamW",
+                e,
+            )
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Constant LR (paper: 1e-4) after an optional linear warmup over ``warmup_steps`` steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

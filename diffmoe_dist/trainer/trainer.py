@@ -1,0 +1,340 @@
+"""The training loop: one process or many (torchrun / SLURM / mpirun), native or DeepSpeed engine.
+
+The math of a run does not depend on the number of ranks: step s uses the global batch
+``global_batch_indices(seed, s)``; rank r takes the contiguous slice r of it; each sample's noise,
+timestep, label dropout and flip come from (seed, step, position in the global batch); routing pools
+are ``moe.pool_samples`` consecutive samples of that order. Loss = mean over the global batch, so
+gradients are averaged with divide factor = world size (parallel/parallelize.py).
+
+Flow convention (transport/path.py): z_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1 data,
+target velocity x1 - x0.
+
+Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the current step all ranks agree (MAX
+all-reduce), a complete checkpoint is written, rank 0 writes ``<run.dir>/PREEMPTED`` and train()
+returns normally, so the launcher can requeue and the next run resumes where this one stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from diffmoe_dist.checkpoint import CheckpointManager
+from diffmoe_dist.config import Config, save_config, validate_layout
+from diffmoe_dist.data import (
+    FLIP_STREAM,
+    LABEL_DROP_STREAM,
+    TIME_STREAM,
+    global_batch_indices,
+    per_sample_normal,
+    per_sample_uniform,
+    rank_sample_ids,
+    rank_slice,
+)
+from diffmoe_dist.data.factory import build_dataset
+from diffmoe_dist.metrics import MetricsLogger
+from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
+from diffmoe_dist.parallel.parallelize import (
+    ParallelState,
+    average_gradients,
+    build_parallel_state,
+    is_expert_param,
+    parallelize_model,
+    reduce_thresholds,
+)
+from diffmoe_dist.trainer.ema import update_ema
+from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr
+from diffmoe_dist.transport.loss import flow_matching_mse
+from diffmoe_dist.transport.path import RectifiedFlow
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Read top to bottom: __init__ builds the run in numbered stages; train_step is one step."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        # 1. distributed: rank, world, device; the layout is checked before any group is created
+        self.dist = dist_info or init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
+        self.rank, self.world_size, self.device = (
+            self.dist.rank,
+            self.dist.world_size,
+            self.dist.device,
+        )
+        self.layout = validate_layout(cfg, self.world_size)
+        self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
+        self.run_dir = Path(cfg.run.dir)
+        self._check_run_dir()
+        # 2. data: the dataset defines channels / size / classes; they must match the model
+        self.dataset = build_dataset(cfg)
+        self._check_data_matches_model()
+        # 3. model and EMA (same init on every rank: seeded), then sharding + dispatchers
+        torch.manual_seed(cfg.train.seed)
+        model = DiffMoE(cfg.model, cfg.moe)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = parallelize_model(model, self.ps).to(self.device).train()
+        self.ema = parallelize_model(ema, self.ps).to(self.device)
+        # 4. optimizer (AdamW, constant LR with optional warmup)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        # 5. checkpoints, metrics, resume
+        self.ckpt = CheckpointManager(
+            self.run_dir,
+            cfg,
+            self.rank,
+            self.world_size,
+            self.ps.world_group,
+            cfg.train.keep_checkpoints,
+        )
+        self.metrics = MetricsLogger(
+            self.run_dir, self.rank == 0, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()
+        )
+        self.step = self._last_saved = 0
+        self._resume()
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._stop_requested = False
+        self._install_signal_handlers()
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise ValueError(f"run.dir '{self.run_dir}' is not writable: {e}") from e
+
+    def _check_data_matches_model(self) -> None:
+        m, d = self.cfg.model, self.dataset
+        for key, want, got in (
+            ("in_channels", m.in_channels, d.channels),
+            ("input_size", m.input_size, d.image_size),
+            ("num_classes", m.num_classes, d.num_classes),
+        ):
+            if want != got:
+                raise ValueError(
+                    f"model.{key}={want} but the dataset ({self.cfg.data.name}) has {got}"
+                )
+
+    def _resume(self) -> None:
+        path = self.ckpt.latest_valid()
+        if path is None:
+            return
+        meta = self.ckpt.load(path, self.model, self.ema, self.optimizer)
+        self.step = self._last_saved = int(meta["step"])
+        self.metrics.truncate_after(self.step)
+        if self.rank == 0:
+            old = meta["layout"]
+            print(
+                f"resumed from {path} at step {self.step} (saved at world {old['world_size']}, "
+                f"ep {old['ep']}; now world {self.world_size}, ep {self.ps.ep})",
+                flush=True,
+            )
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test harness)
+                pass
+
+    # ------------------------------------------------------------------------------------------------
+    def local_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's slice of the global batch of ``step`` with its per-sample draws."""
+        cfg, G = self.cfg, self.cfg.train.global_batch_size
+        idx = rank_slice(
+            global_batch_indices(len(self.dataset), G, cfg.train.seed, step),
+            self.rank,
+            self.world_size,
+        )
+        ids = rank_sample_ids(G, self.rank, self.world_size)  # positions in the global batch
+        seed = cfg.train.seed
+        flip = (per_sample_uniform(seed, step, ids, FLIP_STREAM) < 0.5) & cfg.data.hflip
+        x1, y = self.dataset.get_batch(idx, flip)
+        x0 = per_sample_normal(seed, step, ids, x1.shape[1:])
+        t = per_sample_uniform(seed, step, ids, TIME_STREAM)
+        drop = per_sample_uniform(seed, step, ids, LABEL_DROP_STREAM) < cfg.model.class_dropout_prob
+        y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)  # null class for CFG
+        return tuple(v.to(self.device) for v in (x1.float(), x0, t, y))
+
+    def forward_loss(
+        self, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        zt = RectifiedFlow.interpolate(x1, x0, t)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
+        ):
+            v = self.model(zt, t, y)
+        flow = flow_matching_mse(v.float(), x1, x0).mean()
+        aux = self.model.aux_losses()
+        moe = self.cfg.moe
+        loss = (
+            flow
+            + moe.cp_loss_weight * aux["cp_loss"]
+            + moe.balance_loss_weight * aux["balance_loss"]
+        )
+        return {"loss": loss, "flow_loss": flow, **aux}
+
+    def train_step(self) -> dict[str, float]:
+        step, cfg = self.step, self.cfg.train
+        t0 = time.perf_counter()
+        x1, x0, t, y = self.local_batch(step)
+        lr = lr_at(step, cfg)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=False)
+        losses = self.forward_loss(x1, x0, t, y)
+        losses["loss"].backward()
+        average_gradients(
+            self.model, self.ps
+        )  # dense over world, experts over expert-data-parallel
+        grad_norm = self.global_grad_norm()
+        if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(cfg.grad_clip / (grad_norm + 1e-6))
+        self.optimizer.step()
+        reduce_thresholds(
+            self.model, self.ps
+        )  # post-step hook: kth statistics over world, then EMA
+        update_ema(self.ema, self.model, cfg.ema_decay)
+        self.step += 1
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
+        return out
+
+    def global_grad_norm(self) -> float:
+        """L2 norm of the full (unsharded) gradient: experts' squares summed over the ep group."""
+        dense = torch.zeros((), dtype=torch.float64, device=self.device)
+        expert = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum()
+            if is_expert_param(name, p):
+                expert += sq
+            else:
+                dense += sq
+        if self.ps.ep_group is not None and self.ps.ep > 1:
+            dist.all_reduce(expert, group=self.ps.ep_group)
+        return float((dense + expert).sqrt())
+
+    # ------------------------------------------------------------------------------------------------
+    def _reduced(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of per-rank values (losses are per-rank means of equal-size slices)."""
+        if self.ps.world_group is None:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.ps.world_group)
+        return dict(zip(keys, (t / self.world_size).tolist()))
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        if self.ps.world_group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        return bool(flag.item() > 0)
+
+    def moe_metrics(self) -> dict[str, Any]:
+        stats = self.model.moe_stats()
+        if not stats:
+            return {}
+        caps = [s.capacity for s in stats]
+        out: dict[str, Any] = {"capacity_per_layer": caps}
+        out["tokens_per_expert"] = [
+            s.expert_counts.tolist() for s in stats if s.expert_counts is not None
+        ]
+        out["thresholds"] = [layer.thresholds.tolist() for layer in self.model.moe_layers()]
+        out["pool_samples"] = self.cfg.moe.pool_samples
+        try:
+            from diffmoe_dist.parallel.dispatch import a2a_bytes_summary
+
+            summary = a2a_bytes_summary(self.model)
+            if summary:
+                out["a2a_bytes"] = summary
+        except ImportError:
+            pass
+        return out
+
+    def save(self) -> Path:
+        path = self.ckpt.save(
+            self.step, self.model, self.ema, self.optimizer, extra={"data_position": self.step}
+        )
+        self._last_saved = self.step
+        return path
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        total = cfg.steps
+        bar = None
+        if self.rank == 0 and self.cfg.run.progress and self.step < total:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        t_log, samples = time.perf_counter(), 0
+        while self.step < total:
+            out = self.train_step()
+            samples += cfg.global_batch_size
+            if self.step % cfg.log_every == 0 or self.step == total:
+                last = self._reduced(
+                    {k: out[k] for k in ("loss", "flow_loss", "cp_loss", "balance_loss")}
+                )
+                elapsed = time.perf_counter() - t_log
+                rec = {
+                    "step": self.step,
+                    **last,
+                    "lr": out["lr"],
+                    "grad_norm": out["grad_norm"],
+                    "samples_per_s": samples / max(elapsed, 1e-9),
+                    "world_size": self.world_size,
+                    "ep": self.ps.ep,
+                    **self.moe_metrics(),
+                }
+                self.metrics.log(rec)
+                t_log, samples = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if self._stop_agreed():
+                self.save()
+                if self.rank == 0:
+                    (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))
+                    print(f"preempted: checkpoint at step {self.step} written", flush=True)
+                if bar is not None:
+                    bar.close()
+                return {"step": self.step, "preempted": True}
+            if self.step % cfg.ckpt_every == 0 and self.step < total:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self._last_saved != self.step:
+            self.save()
+        result = {
+            "step": self.step,
+            "preempted": False,
+            **{k: v for k, v in last.items() if math.isfinite(v)},
+        }
+        if self.rank == 0:
+            tmp = self.run_dir / "final.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, self.run_dir / "final.json")
+        self.metrics.close()
+        return result

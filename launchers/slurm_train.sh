@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Train DiffMoE as a SLURM batch job: one srun task per node, each running a torchrun agent that
+# starts NPROC_PER_NODE workers; the agents meet through c10d rendezvous on the job's first node.
+#
+#   sbatch --nodes=2 launchers/slurm_train.sh                        # defaults below
+#   CONFIG=configs/tiny.yaml RUN_DIR=runs/t1 sbatch launchers/slurm_train.sh --set train.steps=100
+#
+# Submit from the repository root (or set REPO_DIR). Arguments after the script name go to the
+# trainer unchanged ("$@"), e.g. `--set parallel.ep=2 --set train.steps=500`.
+#
+# Knobs (environment variables; sbatch exports the submitting shell's environment by default):
+#   CONFIG          trainer config file                       (configs/tiny.yaml)
+#   RUN_DIR         run directory: checkpoints, metrics, logs (runs/$SLURM_JOB_NAME)
+#                   Keep it fixed to resume: a rerun with the same RUN_DIR continues from its
+#                   latest complete checkpoint.
+#   GPUS_PER_NODE   GPUs to use per node                      (all that nvidia-smi lists)
+#   NPROC_PER_NODE  workers per node                          (GPUS_PER_NODE; 2 on a CPU-only node)
+#   RDZV_HOST       rendezvous host                           (first node of the job)
+#   RDZV_PORT       rendezvous port                           (29500 + job id mod 1000)
+#   RDZV_JOIN_TIMEOUT  seconds the agents wait for each other (300)
+#   MAX_RESTARTS    torchrun elastic restarts after a worker failure (0)
+#   REPO_DIR        repository root                           ($SLURM_SUBMIT_DIR)
+#   TORCHRUN        torchrun executable                       (torchrun)
+#
+# Preemption and time limits. `--signal=USR1@T` (no "B:") makes SLURM send SIGUSR1 to the processes of
+# every job step, T seconds (give or take the ~60 s of SLURM's timer resolution) before the time
+# limit. The workers get it directly: each finishes its step, the ranks agree, a complete checkpoint
+# is written, rank 0 writes $RUN_DIR/PREEMPTED, and the workers exit 0. The torchrun agent is started
+# under `trap "" USR1`, because a bare agent dies of SIGUSR1 (rc 138) and would kill its workers
+# mid-save; the workers install their own handler, which replaces the inherited "ignore". After srun
+# returns, this script sees PREEMPTED, removes it, and runs `scontrol requeue` (allowed by
+# --requeue); the requeued job resumes from the checkpoint. `scancel --signal=USR1 JOBID` takes the
+# same path on demand. "B:USR1" would signal only this batch shell: it is handled too (the shell
+# forwards the signal to the step through srun), but it is one hop longer and `scancel --signal`
+# without --batch never reaches the shell, so the direct step signal is the default.
+# SIGTERM (scancel, or the time limit itself) reaches every process: the workers save the same way;
+# this shell keeps waiting for srun so that it can still requeue. SLURM sends SIGKILL KillWait
+# seconds after SIGTERM, so the signal-at-T path is the one that leaves time to save.
+#
+#SBATCH --job-name=diffmoe
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# Cluster-specific lines: remove one "#" to enable.
+##SBATCH --time=04:00:00
+##SBATCH --gpus-per-node=8
+##SBATCH --cpus-per-task=64
+##SBATCH --exclusive
+set -euo pipefail
+
+die() {
+  echo "slurm_train: error: $*" >&2
+  exit 2
+}
+log() { echo "slurm_train: $*" >&2; }
+
+[[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a SLURM job: submit with 'sbatch launchers/slurm_train.sh'"
+
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -f $REPO_DIR/launchers/network_env.sh && -d $REPO_DIR/diffmoe_dist ]] ||
+  die "REPO_DIR=$REPO_DIR is not the diffmoe-dist repository: submit from its root or set REPO_DIR"
+cd "$REPO_DIR"
+# shellcheck source=launchers/network_env.sh
+source "$REPO_DIR/launchers/network_env.sh"
+
+CONFIG=${CONFIG:-configs/tiny.yaml}
+RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME}
+RDZV_JOIN_TIMEOUT=${RDZV_JOIN_TIMEOUT:-300}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+TORCHRUN=${TORCHRUN:-torchrun}
+NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+
+# ---- validate everything before anything is launched ---------------------------------------------
+[[ -f $CONFIG ]] || die "config file '$CONFIG' does not exist (relative to $REPO_DIR; set CONFIG)"
+CONFIG=$(realpath "$CONFIG")
+
+mkdir -p "$RUN_DIR" 2>/dev/null || die "cannot create run dir '$RUN_DIR' (set RUN_DIR)"
+probe=$(mktemp -p "$RUN_DIR" .write-probe.XXXXXX 2>/dev/null) ||
+  die "run dir '$RUN_DIR' is not writable (set RUN_DIR)"
+rm -f "$probe"
+RUN_DIR=$(realpath "$RUN_DIR")
+
+command -v "$TORCHRUN" >/dev/null || die "'$TORCHRUN' not found on PATH (set TORCHRUN or activate the env)"
+
+gpus_present=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus_present=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
+if [[ -n ${GPUS_PER_NODE:-} ]]; then
+  [[ $GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' is not a number"
+  ((GPUS_PER_NODE <= gpus_present)) ||
+    die "GPUS_PER_NODE=$GPUS_PER_NODE but nvidia-smi finds $gpus_present GPU(s) on $(hostname)"
+else
+  GPUS_PER_NODE=$gpus_present
+fi
+if ((GPUS_PER_NODE > 0)); then
+  NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS_PER_NODE}
+  ((NPROC_PER_NODE <= GPUS_PER_NODE)) ||
+    die "NPROC_PER_NODE=$NPROC_PER_NODE is more than GPUS_PER_NODE=$GPUS_PER_NODE"
+  backend="nccl, $GPUS_PER_NODE GPU(s) per node"
+else
+  NPROC_PER_NODE=${NPROC_PER_NODE:-2}
+  backend="gloo on CPU (no GPU found)"
+fi
+[[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE='$NPROC_PER_NODE' is not a positive number"
+
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+RDZV_HOST=${RDZV_HOST:-$HEAD_NODE}
+# An unresolvable rendezvous host makes every agent hang in rendezvous; fail now instead.
+getent hosts "$RDZV_HOST" >/dev/null ||
+  die "rendezvous host '$RDZV_HOST' does not resolve on $(hostname) (check DNS or /etc/hosts, or set RDZV_HOST)"
+RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+
+log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NODES node(s) x" \
+  "$NPROC_PER_NODE worker(s), $backend; rendezvous $RDZV_HOST:$RDZV_PORT"
+log "config $CONFIG, run dir $RUN_DIR, extra args: $*"
+
+# ---- launch ---------------------------------------------------------------------------------------
+# One task per node; inside it the agent ignores USR1 (see the header), its workers handle it.
+# shellcheck disable=SC2016  # expanded by the inner bash, on each node
+srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label \
+  bash -c 'trap "" USR1; exec "$0" "$@"' \
+  "$TORCHRUN" \
+  --nnodes="$NODES" \
+  --nproc-per-node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="$RDZV_HOST:$RDZV_PORT" \
+  --rdzv-id="$SLURM_JOB_ID" \
+  --rdzv-conf="join_timeout=$RDZV_JOIN_TIMEOUT" \
+  --max-restarts="$MAX_RESTARTS" \
+  -m diffmoe_dist.train \
+  --config "$CONFIG" \
+  --set "run.dir=$RUN_DIR" \
+  "$@" &
+srun_pid=$!
+
+# The batch shell survives USR1/TERM (B: signals, scancel --batch, the time limit) and passes them to
+# the step through srun, which forwards them to its tasks; then it keeps waiting for srun.
+forward() {
+  log "batch shell got SIG$1, forwarding to the step"
+  kill -s "$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+rc=0
+while true; do
+  wait "$srun_pid" && rc=0 || rc=$?
+  kill -0 "$srun_pid" 2>/dev/null || break # wait was interrupted by a trapped signal: wait again
+done
+trap - USR1 TERM
+
+if [[ -f $RUN_DIR/PREEMPTED ]]; then
+  log "trainer saved and stopped early: $(cat "$RUN_DIR/PREEMPTED"); srun exit code $rc"
+  rm -f "$RUN_DIR/PREEMPTED"
+  log "requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint in $RUN_DIR"
+  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed: resubmit this script with RUN_DIR=$RUN_DIR to resume"
+  exit 0
+fi
+if ((rc != 0)); then
+  log "training failed: srun exit code $rc (see the lines above; rerun with the same RUN_DIR resumes)"
+  exit "$rc"
+fi
+if [[ -f $RUN_DIR/final.json ]]; then
+  log "done: $(cat "$RUN_DIR/final.json")"
+else
+  log "srun exited 0 but $RUN_DIR/final.json is missing"
+  exit 3
+fi

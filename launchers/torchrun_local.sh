@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Train on this one machine with torchrun (no scheduler): NPROC workers, standalone rendezvous.
+#
+#   launchers/torchrun_local.sh                                   # configs/tiny.yaml, 2 workers
+#   NPROC=4 CONFIG=configs/digits.yaml launchers/torchrun_local.sh --set parallel.ep=4
+#
+# Knobs: CONFIG (configs/tiny.yaml), NPROC (number of GPUs if any, else 2), RUN_DIR (unset: the
+# config's run.dir), MAX_RESTARTS (0; >0 restarts all workers from the latest checkpoint after a
+# worker dies), TORCHRUN (torchrun). Arguments go to the trainer unchanged ("$@").
+set -euo pipefail
+
+die() {
+  echo "torchrun_local: error: $*" >&2
+  exit 2
+}
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_DIR"
+# shellcheck source=launchers/network_env.sh
+source "$REPO_DIR/launchers/network_env.sh"
+
+CONFIG=${CONFIG:-configs/tiny.yaml}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+TORCHRUN=${TORCHRUN:-torchrun}
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
+if ((gpus > 0)); then NPROC=${NPROC:-$gpus}; else NPROC=${NPROC:-2}; fi
+
+[[ -f $CONFIG ]] || die "config file '$CONFIG' does not exist (set CONFIG)"
+[[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "NPROC='$NPROC' is not a positive number"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS='$MAX_RESTARTS' is not a number"
+if ((gpus > 0 && NPROC > gpus)); then
+  die "NPROC=$NPROC but nvidia-smi finds $gpus GPU(s)"
+fi
+command -v "$TORCHRUN" >/dev/null || die "'$TORCHRUN' not found on PATH"
+run_dir_args=()
+if [[ -n ${RUN_DIR:-} ]]; then
+  mkdir -p "$RUN_DIR" 2>/dev/null || die "cannot create run dir '$RUN_DIR'"
+  probe=$(mktemp -p "$RUN_DIR" .write-probe.XXXXXX 2>/dev/null) || die "run dir '$RUN_DIR' is not writable"
+  rm -f "$probe"
+  run_dir_args=(--set "run.dir=$RUN_DIR")
+fi
+
+echo "torchrun_local: $NPROC worker(s), config $CONFIG, extra args: $*" >&2
+exec "$TORCHRUN" --standalone --nnodes=1 --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
+  -m diffmoe_dist.train --config "$CONFIG" "${run_dir_args[@]}" "$@"

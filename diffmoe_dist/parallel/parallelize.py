@@ -125,34 +125,45 @@ def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
 
 
 def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:
+    """ep = 1: LocalDispatcher (a pure permutation); else one AllToAllDispatcher per layer."""
     if ps.ep == 1 and ps.pool_span == 1:
         layer.dispatcher = LocalDispatcher()
         return
     from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 
+    if ps.dedup_tokens:
+        # Needs the token index of each dispatched row, which the Dispatcher protocol does not pass.
+        raise ValueError("parallel.dedup_tokens=True is not implemented yet; set it to false")
     layer.dispatcher = AllToAllDispatcher(
         ep=ps.ep,
         ep_group=ps.ep_group,
         pool_span=ps.pool_span,
         pool_index=ps.pool_index,
         pool_group=ps.pool_group,
-        dedup_tokens=ps.dedup_tokens,
+        layer_id=layer.layer_id,
     )
 
 
+def parallelize_moe_layer(layer: MoELayer, ps: ParallelState) -> MoELayer:
+    """One MoE layer: 1. keep this rank's expert slice  2. mark expert params  3. install dispatcher."""
+    if layer.mode == "dense":
+        return layer
+    if ps.ep > 1:
+        shard_experts(layer, ps.ep, ps.ep_rank)
+    mark_expert_params(layer.experts, ps.ep)
+    install_dispatcher(layer, ps)
+    return layer
+
+
 def parallelize_model(model: DiffMoE, ps: ParallelState) -> DiffMoE:
-    """1. shard each MoE layer's experts to this rank's slice  2. install the dispatcher.
+    """Apply expert parallelism to every MoE layer (parallelize_moe_layer); dense parts untouched.
 
     Call before building the optimizer (expert parameters are replaced by their slices). Every rank
-    must build the model from the same seed so dense weights (and the kept slices) agree.
+    must build the model from the same seed so dense weights (and the kept slices) agree. Data
+    parallelism is applied by average_gradients after backward (no wrapper module).
     """
     for layer in model.moe_layers():
-        if layer.mode == "dense":
-            continue
-        if ps.ep > 1:
-            shard_experts(layer, ps.ep, ps.ep_rank)
-        mark_expert_params(layer.experts, ps.ep)
-        install_dispatcher(layer, ps)
+        parallelize_moe_layer(layer, ps)
     return model
 
 
@@ -204,13 +215,13 @@ def average_gradients(model: nn.Module, ps: ParallelState) -> None:
 
 
 @torch.no_grad()
-def reduce_thresholds(model: DiffMoE, ps: ParallelState) -> None:
+def reduce_thresholds(model: nn.Module, ps: ParallelState) -> None:
     """Post-step hook: SUM kth_sum / kth_count of every MoE layer over world_group, then the EMA.
 
     A pool spanning m ranks is counted m times in both the sum and the count, so the mean is exact.
     Layers without statistics (no predictor, eval forward) are skipped identically on every rank.
     """
-    layers = [m for m in model.moe_layers() if m.stats.kth_sum is not None]
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.stats.kth_sum is not None]
     if not layers:
         return
     packed = torch.cat(

@@ -1,0 +1,159 @@
+"""The all-to-all dispatcher: tokens travel to the rank holding their expert and back.
+
+One instance per MoE layer (installed by parallelize_model; the model code is unchanged). In
+``run_experts`` the layer hands over x [M, D] grouped by *global* expert ascending with counts [E];
+expert e lives on ep rank e // E_local. Per forward:
+
+    1. counts    all_to_all_single of counts.view(ep, E_local)      -> recv_counts [ep, E_local]
+    2. tokens    all_to_all_single(x, send rows per rank)          rows ordered (source, expert)
+    3. permute   stable sort by local expert                        rows ordered (expert, source)
+    4. experts   StackedExperts(x, recv_counts.sum(0))
+    5. return    inverse permutation, all_to_all_single back        [M, D] in the layer's order
+
+Both token all-to-alls are autograd-aware (backward = the reverse all-to-all). The combine weight is
+applied by the layer on the token's own rank, so router gradients never travel.
+
+When a training pool spans ``pool_span`` ranks, ``gather_pool`` all-gathers the [N_local, E] scores
+(or predictor probabilities) of the pool's ranks in global token order, so every rank of the pool
+computes the same top-k. Every byte sent to or received from another rank is logged in
+``bytes_log[layer_id]`` (tokens forward and backward, scores, counts) until ``reset()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed import ProcessGroup
+
+from diffmoe_dist.models.moe import StackedExperts
+from diffmoe_dist.parallel.comm import all_gather_rows, all_to_all_single, exchange_counts
+
+BYTE_KEYS = (
+    "tokens_sent",  # forward: dispatch + return all-to-all
+    "tokens_recv",
+    "tokens_bwd_sent",  # backward: the two reverse all-to-alls of the gradients
+    "tokens_bwd_recv",
+    "scores_sent",  # pool scores / probabilities all-gathered across a spanning pool
+    "scores_recv",
+    "counts_sent",  # per-expert counts exchanged before every dispatch
+    "counts_recv",
+)
+
+
+class AllToAllDispatcher:
+    """Dispatcher protocol (models/moe.py) over an expert-parallel group of ``ep`` ranks."""
+
+    def __init__(
+        self,
+        ep: int,
+        ep_group: ProcessGroup | None,
+        pool_span: int = 1,
+        pool_index: int = 0,
+        pool_group: ProcessGroup | None = None,
+        layer_id: int = 0,
+        use_loop: bool = False,
+    ):
+        if ep > 1 and ep_group is None:
+            raise ValueError(f"ep={ep} needs an ep_group")
+        if pool_span > 1 and pool_group is None:
+            raise ValueError(f"pool_span={pool_span} needs a pool_group")
+        if ep % pool_span or not 0 <= pool_index < pool_span:
+            raise ValueError(
+                f"ep={ep}, pool_span={pool_span}, pool_index={pool_index}: inconsistent"
+            )
+        self.ep, self.ep_group = ep, ep_group
+        self.pool_span, self.pool_index, self.pool_group = pool_span, pool_index, pool_group
+        self.layer_id, self.use_loop = layer_id, use_loop
+        self.bytes_log: dict[int, dict[str, int]] = {}
+        self.elem_bytes = (
+            4  # element size of the last tokens dispatched (for the theoretical minimum)
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes_log = {self.layer_id: dict.fromkeys(BYTE_KEYS, 0)}
+
+    def _log(self, kind: str, sent: int, recv: int) -> None:
+        rec = self.bytes_log[self.layer_id]
+        rec[f"{kind}_sent"] += int(sent)
+        rec[f"{kind}_recv"] += int(recv)
+
+    def _token_counter(self, phase: str, sent: int, recv: int) -> None:
+        self._log("tokens" if phase == "fwd" else "tokens_bwd", sent, recv)
+
+    # --- Dispatcher protocol ----------------------------------------------------------------------
+    @torch.no_grad()
+    def gather_pool(self, t: torch.Tensor) -> torch.Tensor:
+        """[N_local, E] -> [pool_span * N_local, E], global token order (ranks are consecutive)."""
+        if self.pool_span == 1:
+            return t
+        out = all_gather_rows(t.detach(), self.pool_group)
+        own = t.numel() * t.element_size()
+        self._log("scores", own * (self.pool_span - 1), out.numel() * out.element_size() - own)
+        return out
+
+    def run_experts(
+        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+    ) -> torch.Tensor:
+        E, ep = counts.numel(), self.ep
+        if E % ep or experts.num_experts != E // ep:
+            raise ValueError(
+                f"layer {layer_id}: {E} experts over ep={ep} ranks but this rank holds "
+                f"{experts.num_experts} (expected {E // ep if E % ep == 0 else 'E divisible by ep'})"
+            )
+        if ep == 1:
+            return experts.loop_forward(x, counts) if self.use_loop else experts(x, counts)
+        El = E // ep
+        send_counts = counts.to(torch.long).view(ep, El)  # block j -> rank j
+        recv_counts = exchange_counts(send_counts, self.ep_group)  # [ep, El] from source i
+        row = El * send_counts.element_size()
+        self._log("counts", row * (ep - 1), row * (ep - 1))
+        in_splits = send_counts.sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        self.elem_bytes = x.element_size()
+        xr = all_to_all_single(x, in_splits, out_splits, self.ep_group, self._token_counter)
+        # Rows arrive ordered (source rank, local expert); the experts want (local expert, source).
+        local_expert = torch.arange(El, device=x.device).repeat(ep)  # [ep*El]
+        expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten())
+        order = torch.argsort(expert_of_row, stable=True)
+        xe = xr.index_select(0, order)
+        local_counts = recv_counts.sum(0)
+        ye = experts.loop_forward(xe, local_counts) if self.use_loop else experts(xe, local_counts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        yr = ye.index_select(0, inverse)  # back to (source rank, local expert)
+        return all_to_all_single(yr, out_splits, in_splits, self.ep_group, self._token_counter)
+
+
+# ----------------------------------------------------------------------------------------------------
+def a2a_bytes_summary(model: nn.Module, reset: bool = True) -> dict:
+    """Bytes this rank moved in the MoE layers since the last reset, for metrics.jsonl (`a2a_bytes`).
+
+    Returns {"layers": {layer_id: {key: bytes}}, "total": {key: bytes}, "total_bytes": int,
+    "theoretical_min": int}. The minimum is 4 * N * C * D * bytes * (ep - 1) / ep summed over layers
+    (N*C = this rank's (token, expert) pairs, i.e. stats.pairs of the last forward; 4 = dispatch and
+    return, forward and backward; (ep - 1)/ep = share of experts on other ranks under uniform
+    routing). Layers with a local dispatcher report nothing.
+    """
+    from diffmoe_dist.models.moe import MoELayer
+
+    layers: dict[int, dict[str, int]] = {}
+    total = dict.fromkeys(BYTE_KEYS, 0)
+    minimum = 0.0
+    for m in model.modules():
+        if not isinstance(m, MoELayer) or not isinstance(m.dispatcher, AllToAllDispatcher):
+            continue
+        d = m.dispatcher
+        for lid, rec in d.bytes_log.items():
+            layers[lid] = dict(rec)
+            for k, v in rec.items():
+                total[k] += v
+        minimum += 4 * m.stats.pairs * m.dim * d.elem_bytes * (d.ep - 1) / d.ep
+        if reset:
+            d.reset()
+    return {
+        "layers": layers,
+        "total": total,
+        "total_bytes": sum(total.values()),
+        "theoretical_min": int(minimum),
+    }

@@ -1,0 +1,225 @@
+"""Launch paths without a scheduler: rank resolution (torchrun / MPI / SLURM / single) and the
+single-node launchers (launchers/torchrun_local.sh, launchers/mpirun_train.sh), run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from diffmoe_dist.launch_env import LaunchEnv, detect_launch_source, resolve_launch_env
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "PMIX_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_ID",
+    "SLURM_LOCALID",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No launcher variables in os.environ; monkeypatch restores whatever resolve_launch_env sets."""
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ---- resolve_launch_env ---------------------------------------------------------------------------
+def test_single_process_exports_env(clean_env: pytest.MonkeyPatch) -> None:
+    env = resolve_launch_env()
+    assert env.source == "single"
+    assert (env.rank, env.world_size, env.local_rank) == (0, 1, 0)
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["RANK"] == "0"
+    assert int(os.environ["MASTER_PORT"]) == env.master_port > 0
+
+
+def test_torchrun_env_is_used_as_is(clean_env: pytest.MonkeyPatch) -> None:
+    for k, v in dict(
+        RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", MASTER_ADDR="node1", MASTER_PORT="29511"
+    ).items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("PMI_RANK", "0")  # torchrun wins over an outer MPI launcher
+    assert resolve_launch_env() == LaunchEnv(3, 4, 1, "node1", 29511, "torchrun")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
+        (
+            {
+                "RANK": "x",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "a",
+                "MASTER_PORT": "1",
+            },
+            "RANK='x' is not an integer",
+        ),
+        (
+            {
+                "RANK": "2",
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "a",
+                "MASTER_PORT": "1",
+            },
+            r"rank 2 is outside \[0, 2\)",
+        ),
+    ],
+)
+def test_inconsistent_torchrun_env_is_a_clear_error(
+    clean_env: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        resolve_launch_env()
+
+
+def test_srun_without_torchrun(clean_env: pytest.MonkeyPatch) -> None:
+    for k, v in dict(
+        SLURM_PROCID="1",
+        SLURM_NTASKS="2",
+        SLURM_STEP_ID="0",
+        SLURM_LOCALID="1",
+        SLURM_JOB_ID="1234",
+    ).items():
+        clean_env.setenv(k, v)
+    env = resolve_launch_env()
+    assert (env.source, env.rank, env.world_size, env.local_rank) == ("slurm", 1, 2, 1)
+    assert env.master_port == 20000 + 1234  # identical on every task without communication
+
+
+def test_batch_step_alone_is_not_a_multi_rank_launch(clean_env: pytest.MonkeyPatch) -> None:
+    # The batch shell has SLURM_PROCID/SLURM_NTASKS but no step: a bare `python -m ...` there is
+    # one process, and must not wait for SLURM_NTASKS peers that will never come.
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "2")
+    assert detect_launch_source() == "single"
+
+
+MPI_PROGRAM = textwrap.dedent(
+    """
+    import datetime, json, torch, torch.distributed as dist
+    from diffmoe_dist.launch_env import resolve_launch_env
+    env = resolve_launch_env()
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
+    t = torch.tensor([float(env.rank + 1)])
+    dist.all_reduce(t)
+    print(json.dumps({**env.__dict__, "sum": t.item(), "torch_rank": dist.get_rank()}), flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec (mpich wheel) not installed")
+def test_mpiexec_ranks_and_all_reduce() -> None:
+    pytest.importorskip("mpi4py")
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, "-c", MPI_PROGRAM],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, proc.stdout
+    assert {r["source"] for r in rows} == {"mpi"}
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["torch_rank"] == r["rank"] for r in rows)
+    assert sorted(r["local_rank"] for r in rows) == [0, 1]  # both on this host
+    assert {r["world_size"] for r in rows} == {2}
+    assert len({(r["master_addr"], r["master_port"]) for r in rows}) == 1  # broadcast from rank 0
+    assert [r["sum"] for r in rows] == [3.0, 3.0]  # 1 + 2
+
+
+# ---- the single-node launchers --------------------------------------------------------------------
+def _run_launcher(script: str, env: dict[str, str], *args: str, timeout: int = 300):
+    return subprocess.run(
+        [str(REPO / "launchers" / script), *args],
+        env={**_child_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "env", "message"),
+    [
+        (
+            "torchrun_local.sh",
+            {"CONFIG": "configs/nope.yaml"},
+            "config file 'configs/nope.yaml' does not exist",
+        ),
+        ("torchrun_local.sh", {"NPROC": "two"}, "NPROC='two' is not a positive number"),
+        ("torchrun_local.sh", {"RUN_DIR": "/proc/diffmoe/run"}, "cannot create run dir"),
+        (
+            "mpirun_train.sh",
+            {"CONFIG": "configs/nope.yaml"},
+            "config file 'configs/nope.yaml' does not exist",
+        ),
+        ("mpirun_train.sh", {"NP": "0"}, "NP='0' is not a positive number"),
+        ("mpirun_train.sh", {"MPIEXEC": "no-such-mpiexec"}, "'no-such-mpiexec' not found"),
+    ],
+)
+def test_launcher_bad_input(script: str, env: dict[str, str], message: str) -> None:
+    proc = _run_launcher(script, env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec (mpich wheel) not installed")
+def test_torchrun_and_mpirun_launchers_train_identically(tmp_path: Path) -> None:
+    """Both launchers, 2 ranks, ep=2: same run, so the same loss at every step."""
+    pytest.importorskip("mpi4py")
+    overrides = ["--set", "parallel.ep=2", "--set", "train.steps=4", "--set", "train.ckpt_every=2"]
+    runs = {}
+    for script, knob in (("torchrun_local.sh", "NPROC"), ("mpirun_train.sh", "NP")):
+        run_dir = tmp_path / script.split("_")[0]
+        proc = _run_launcher(script, {knob: "2", "RUN_DIR": str(run_dir)}, *overrides)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert json.loads((run_dir / "final.json").read_text())["step"] == 4
+        assert (run_dir / "checkpoints" / "step-00000004" / "manifest.json").is_file()
+        runs[script] = _losses(run_dir)
+    torchrun, mpirun = runs.values()
+    assert sorted(torchrun) == [1, 2, 3, 4]
+    assert mpirun == pytest.approx(torchrun, rel=1e-6, abs=1e-7)

@@ -128,7 +128,9 @@ def _layer_case(rank: int, world: int, case: dict) -> dict:
     # Byte accounting: forward token bytes = rows leaving + rows coming back, D fp32 each.
     mine = ep_layer.stats.route_mask
     n_out = int(mine[:, [e for e in range(E) if not lo <= e < hi]].sum())
-    others = torch.ones(G * T, dtype=torch.bool)
+    others = torch.zeros(G * T, dtype=torch.bool)  # tokens of the other ranks of my ep group
+    g0 = (rank // ep) * ep
+    others[g0 * b * T : (g0 + ep) * b * T] = True
     others[tok] = False
     n_in = int(ref.stats.route_mask[others][:, lo:hi].sum())
     summary = a2a_bytes_summary(ep_layer)

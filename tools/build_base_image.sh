@@ -97,14 +97,21 @@ git ls-files -z --cached --others --exclude-standard -- setup.py pyproject.toml 
 [[ -f ${ctx}/setup.py ]] || die "setup.py missing from the working tree"
 # Dependency wheels: everything setup.py needs, minus what the base already has (torch & co).
 # --no-build-isolation: sdists (deepspeed) build against the host's torch, offline.
-# Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
-rm -rf "${WORK}/wheels" "${WORK}/wheel-src" && cp -r "${ctx}" "${WORK}/wheel-src"
-DS_BUILD_OPS=0 "${PYTHON}" -m pip wheel -q "${pip_pins[@]}" --no-build-isolation \
-  -w "${WORK}/wheels" "${WORK}/wheel-src" >"${WORK}/pip-wheel.log" 2>&1 \
-  || { tail -n 20 "${WORK}/pip-wheel.log" >&2; die "pip wheel of the project failed"; }
+# Cached on the inputs that decide them (rebuilt wheels differ byte-wise and would defeat the
+# docker layer cache). Built from a copy: an in-tree build leaves build/ and *.egg-info behind.
+stamp=$(cat "${ctx}/setup.py" "${REPO}/constraints.txt" "${WORK}/host-pins.txt" | sha256sum | cut -c1-16)
+if [[ -f ${WORK}/wheels/.stamp && $(cat "${WORK}/wheels/.stamp") == "${stamp}" && ${FORCE} != 1 ]]; then
+  log "3/3 dependency wheels up to date (${stamp})"
+else
+  rm -rf "${WORK}/wheels" "${WORK}/wheel-src" && cp -r "${ctx}" "${WORK}/wheel-src"
+  DS_BUILD_OPS=0 "${PYTHON}" -m pip wheel -q "${pip_pins[@]}" --no-build-isolation \
+    -w "${WORK}/wheels" "${WORK}/wheel-src" >"${WORK}/pip-wheel.log" 2>&1 \
+    || { tail -n 20 "${WORK}/pip-wheel.log" >&2; die "pip wheel of the project failed"; }
+  echo "${stamp}" > "${WORK}/wheels/.stamp"
+fi
 base_has=$(docker run --rm --entrypoint pip "${BASE_IMAGE}" list --format=freeze \
   | cut -d= -f1 | tr 'A-Z_.' 'a-z--')
-for whl in "${WORK}"/wheels/*; do
+for whl in "${WORK}"/wheels/*.whl; do
   name=$(basename "${whl}" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')
   [[ ${name} == diffmoe-dist ]] && continue
   grep -qx -- "${name}" <<<"${base_has}" || cp "${whl}" "${ctx}/wheelhouse/"

@@ -181,6 +181,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -237,11 +243,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = v
     return out
@@ -273,7 +279,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ValueError(f"config file '{p}' is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file '{p}' must hold a mapping at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     return from_dict(data).validate()
 
 

@@ -21,22 +21,31 @@
 #   TRAIN_MODULE [diffmoe_dist.train]  module torchrun runs
 #   TRAIN_SCRIPT            a script path to run instead of TRAIN_MODULE (smoke tests); then
 #                           CONFIG / RUN_DIR are not passed, only your args
-#   NETWORK_ENV             a file to source first (NCCL / GLOO interface settings)
+#   NETWORK_ENV [launchers/network_env.sh]  file sourced first (NCCL / Gloo interface settings)
 set -euo pipefail
 
 die() { echo "entrypoint: error: $*" >&2; exit 2; }
 log() { echo "entrypoint[$(hostname)]: $*" >&2; }
 
+# compose's `command: ${TRAIN_ARGS:-}` passes one empty argument when TRAIN_ARGS is unset.
+if [[ $# -eq 1 && -z ${1} ]]; then
+  shift
+fi
 # A command (not an option) as first argument: run it as is.
 if [[ $# -gt 0 && ${1} != -* ]]; then
   exec "$@"
 fi
 
 cd "${DIFFMOE_HOME:-/opt/diffmoe-dist}"
+# Network settings (NCCL/Gloo interfaces, IB): the project's file unless NETWORK_ENV names another.
+# Values already in the environment (docker run -e, compose) win over the file's defaults.
 if [[ -n ${NETWORK_ENV:-} ]]; then
   [[ -r ${NETWORK_ENV} ]] || die "NETWORK_ENV=${NETWORK_ENV} is not a readable file"
   # shellcheck disable=SC1090
   source "${NETWORK_ENV}"
+elif [[ -r launchers/network_env.sh ]]; then
+  # shellcheck disable=SC1091
+  source launchers/network_env.sh
 fi
 
 NNODES="${NNODES:-1}"

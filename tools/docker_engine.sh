@@ -103,6 +103,8 @@ case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
-  status) answers && echo "engine answers at ${DOCKER_HOST}" || { echo "engine not running at ${DOCKER_HOST}"; exit 1; } ;;
+  status)
+    if answers; then echo "engine answers at ${DOCKER_HOST}"; else echo "engine not running at ${DOCKER_HOST}"; exit 1; fi
+    ;;
   *) echo "usage: $0 {install|start|stop|status}" >&2; exit 2 ;;
 esac

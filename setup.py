@@ -43,6 +43,7 @@ setup(
             "diffmoe-train=diffmoe_dist.train:main",
             "diffmoe-sample=diffmoe_dist.sample:main",
             "diffmoe-demo=diffmoe_dist.demo:main",
+            "diffmoe-eval=diffmoe_dist.evaluate:main",
         ]
     },
 )

@@ -63,7 +63,9 @@ def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> Path:
     if checkpoint:
         path = Path(checkpoint)
         if not (path / "manifest.json").is_file():
-            raise ValueError(f"checkpoint '{path}' has no manifest.json (not a complete checkpoint)")
+            raise ValueError(
+                f"checkpoint '{path}' has no manifest.json (not a complete checkpoint)"
+            )
         return path
     if not run_dir:
         raise ValueError("give --run-dir or --checkpoint")
@@ -120,22 +122,34 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, ncol: int = 10
 
 
 @torch.no_grad()
-def generate(model: DiffMoE, cfg: Config, labels: torch.Tensor, seed_offset: int, device: torch.device,
-             meter: CapacityMeter) -> torch.Tensor:
+def generate(
+    model: DiffMoE,
+    cfg: Config,
+    labels: torch.Tensor,
+    seed_offset: int,
+    device: torch.device,
+    meter: CapacityMeter,
+) -> torch.Tensor:
     """Sample one batch: noise from (sample.seed, global sample index), so results do not depend on ranks."""
     m, s = cfg.model, cfg.sample
     shape = (m.in_channels, m.input_size, m.input_size)
-    z0 = torch.stack([
-        torch.randn(shape, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + seed_offset + i))
-        for i in range(len(labels))
-    ]).to(device)
+    z0 = torch.stack(
+        [
+            torch.randn(
+                shape, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + seed_offset + i)
+            )
+            for i in range(len(labels))
+        ]
+    ).to(device)
 
     def counted(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model(x, t, y)
         meter.add(model)
         return out
 
-    vfn = cfg_velocity_fn(counted, labels.to(device), s.cfg_scale, m.num_classes, pool_mode=s.cfg_pool)
+    vfn = cfg_velocity_fn(
+        counted, labels.to(device), s.cfg_scale, m.num_classes, pool_mode=s.cfg_pool
+    )
     kw: dict[str, Any] = {} if s.sampler == "dopri5" else {"num_steps": s.num_steps}
     if s.sampler == "sde":
         kw["generator"] = torch.Generator(device=device).manual_seed(s.seed + seed_offset)
@@ -143,8 +157,11 @@ def generate(model: DiffMoE, cfg: Config, labels: torch.Tensor, seed_offset: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="diffmoe-sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="diffmoe-sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--run-dir", help="training run directory (its latest checkpoint is used)")
     p.add_argument("--checkpoint", help="a checkpoint directory (…/checkpoints/step-XXXXXXXX)")
     p.add_argument("--out", help="output directory (default: <run-dir>/samples)")
@@ -169,16 +186,22 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
 
 
-def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argparse.Namespace) -> int:
+def sample_from_checkpoint(
+    cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """All ranks take part; rank 0 gets (uint8 NHWC images [N, H, W, C], report), others (None, report)."""
     W, rank = info.world_size, info.rank
     if cfg.data.name != "digits":
-        raise ValueError("decoding latents needs the VAE path (tools/extract_latents.py / issue 7); "
-                         "this sampler writes images for pixel-space data (data.name=digits) only")
+        raise ValueError(
+            "decoding latents needs a VAE; this sampler writes images for pixel-space data "
+            "(data.name=digits) only"
+        )
     if cfg.sample.sampler == "dopri5" and cfg.parallel.ep > 1:
-        raise ValueError("sample.sampler=dopri5 takes a different number of steps per rank, which cannot "
-                         "drive the expert all-to-all (parallel.ep > 1); use euler, heun or sde")
+        raise ValueError(
+            "sample.sampler=dopri5 takes a different number of steps per rank, which cannot "
+            "drive the expert all-to-all (parallel.ep > 1); use euler, heun or sde"
+        )
     ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
-    torch.manual_seed(0)
     model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
     ema = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
     CheckpointManager(ckpt.parent.parent, cfg, rank, W, ps.world_group).load(ckpt, model, ema, None)
@@ -202,20 +225,33 @@ def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argpars
         gathered = [torch.empty_like(local) for _ in range(W)]
         dist.all_gather(gathered, local, group=ps.world_group)
         local = torch.cat(gathered)
-    if rank == 0:
-        images = to_uint8(local[:n])
-        out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
-        out.mkdir(parents=True, exist_ok=True)
-        save_grid(images[: min(n, 100)], labels[: min(n, 100)].numpy(), out / "grid.png")
-        if args.npz:
-            tmp = out / "samples.tmp.npz"
-            np.savez(tmp, arr_0=images, labels=labels.numpy())
-            tmp.replace(out / "samples.npz")
-        report = {"checkpoint": str(ckpt), "num_samples": n, "sampler": cfg.sample.sampler,
-                  "num_steps": cfg.sample.num_steps, "cfg_scale": cfg.sample.cfg_scale,
-                  "infer_mode": cfg.moe.infer_mode, **meter.summary()}
-        (out / "sample_report.json").write_text(json.dumps(report, indent=1))
-        print(json.dumps(report), flush=True)
+    report = {
+        "checkpoint": str(ckpt),
+        "num_samples": n,
+        "sampler": cfg.sample.sampler,
+        "num_steps": cfg.sample.num_steps,
+        "cfg_scale": cfg.sample.cfg_scale,
+        "infer_mode": cfg.moe.infer_mode,
+        "use_ema": cfg.sample.use_ema,
+        **meter.summary(),
+    }
+    return (to_uint8(local[:n]) if rank == 0 else None), report
+
+
+def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argparse.Namespace) -> int:
+    images, report = sample_from_checkpoint(cfg, ckpt, labels, info)
+    if images is None:
+        return 0
+    n = len(images)
+    out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(images[: min(n, 100)], labels[: min(n, 100)].numpy(), out / "grid.png")
+    if args.npz:
+        tmp = out / "samples.tmp.npz"
+        np.savez(tmp, arr_0=images, labels=labels.numpy())
+        tmp.replace(out / "samples.npz")
+    (out / "sample_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report), flush=True)
     return 0
 
 

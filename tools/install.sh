@@ -9,15 +9,16 @@
 #   SKIP_APT=1         skip the system-package step
 #   FORCE_PIP=1        run the pip install even when everything looks satisfied
 #   PYTHON=python3     interpreter to install into
-#   TORCH_INDEX_URL    where to get torch==2.13.0 if it is missing (default: the CPU wheel index,
-#                      so a fresh machine does not pull the multi-GB CUDA build)
+#   TORCH_INDEX_URL    extra index for torch==2.13.0 if it is missing (default: none; pip takes the
+#                      CPU wheel this machine image keeps on disk). On a machine without that wheel,
+#                      set it to the PyTorch CPU index so pip does not pull the multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 
 PYTHON="${PYTHON:-python3}"
 TORCH_PIN="2.13.0"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
 APT_PACKAGES=(slurmctld slurmd slurm-client munge docker.io debootstrap iproute2 procps)
 
 log() { echo "install.sh: $*"; }
@@ -59,9 +60,10 @@ command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found"
 torch_version="$("$PYTHON" -c 'from importlib.metadata import version; print(version("torch"))' \
   2>/dev/null || true)"
 if [[ "$torch_version" != "$TORCH_PIN"* ]]; then
-  log "pip: torch is '${torch_version:-absent}', installing torch==$TORCH_PIN from $TORCH_INDEX_URL"
-  "$PYTHON" -m pip install -q -c constraints.txt --extra-index-url "$TORCH_INDEX_URL" \
-    "torch==$TORCH_PIN"
+  log "pip: torch is '${torch_version:-absent}', installing torch==$TORCH_PIN"
+  extra=()
+  [ -n "$TORCH_INDEX_URL" ] && extra=(--extra-index-url "$TORCH_INDEX_URL")
+  "$PYTHON" -m pip install -q -c constraints.txt "${extra[@]}" "torch==$TORCH_PIN"
 else
   log "pip: torch $torch_version already installed"
 fi

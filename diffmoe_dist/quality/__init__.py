@@ -1,0 +1,1 @@
+"""Sample-quality metrics: Frechet distance and the embedded digits judge."""

@@ -33,9 +33,10 @@
 # same path on demand. "B:USR1" would signal only this batch shell: it is handled too (the shell
 # forwards the signal to the step through srun), but it is one hop longer and `scancel --signal`
 # without --batch never reaches the shell, so the direct step signal is the default.
-# SIGTERM (scancel, or the time limit itself) reaches every process: the workers save the same way;
-# this shell keeps waiting for srun so that it can still requeue. SLURM sends SIGKILL KillWait
-# seconds after SIGTERM, so the signal-at-T path is the one that leaves time to save.
+# SIGTERM (scancel, the time limit, a scheduler preemption) reaches every process: the workers save
+# the same way and this shell waits for them, but does not requeue (the owner cancelled it, or SLURM
+# requeues by itself); a rerun with the same RUN_DIR resumes. SLURM sends SIGKILL KillWait seconds
+# after SIGTERM, so the signal-at-T path is the one that leaves time to save.
 #
 #SBATCH --job-name=diffmoe
 #SBATCH --nodes=1
@@ -139,8 +140,10 @@ srun_pid=$!
 
 # The batch shell survives USR1/TERM (B: signals, scancel --batch, the time limit) and passes them to
 # the step through srun, which forwards them to its tasks; then it keeps waiting for srun.
+got_term=0
 forward() {
   log "batch shell got SIG$1, forwarding to the step"
+  [[ $1 == TERM ]] && got_term=1
   kill -s "$1" "$srun_pid" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
@@ -155,6 +158,13 @@ trap - USR1 TERM
 if [[ -f $RUN_DIR/PREEMPTED ]]; then
   log "trainer saved and stopped early: $(cat "$RUN_DIR/PREEMPTED"); srun exit code $rc"
   rm -f "$RUN_DIR/PREEMPTED"
+  if ((got_term)); then
+    # SIGTERM means scancel, the time limit, or a scheduler preemption (which requeues by itself):
+    # requeueing here would resurrect a job its owner cancelled.
+    log "stopped by SIGTERM (scancel, time limit or preemption): not requeueing;" \
+      "sbatch again with RUN_DIR=$RUN_DIR to resume"
+    exit 143
+  fi
   log "requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint in $RUN_DIR"
   scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed: resubmit this script with RUN_DIR=$RUN_DIR to resume"
   exit 0

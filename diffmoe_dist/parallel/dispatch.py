@@ -37,6 +37,8 @@ BYTE_KEYS = (
     "scores_recv",
     "counts_sent",  # per-expert counts exchanged before every dispatch
     "counts_recv",
+    "index_sent",  # dedup_tokens: int32 slot of each (token, expert) pair in the unique tokens
+    "index_recv",
 )
 
 
@@ -52,6 +54,7 @@ class AllToAllDispatcher:
         pool_group: ProcessGroup | None = None,
         layer_id: int = 0,
         use_loop: bool = False,
+        dedup_tokens: bool = False,
     ):
         if ep > 1 and ep_group is None:
             raise ValueError(f"ep={ep} needs an ep_group")
@@ -63,7 +66,7 @@ class AllToAllDispatcher:
             )
         self.ep, self.ep_group = ep, ep_group
         self.pool_span, self.pool_index, self.pool_group = pool_span, pool_index, pool_group
-        self.layer_id, self.use_loop = layer_id, use_loop
+        self.layer_id, self.use_loop, self.dedup_tokens = layer_id, use_loop, dedup_tokens
         self.bytes_log: dict[int, dict[str, int]] = {}
         self.elem_bytes = (
             4  # element size of the last tokens dispatched (for the theoretical minimum)
@@ -93,8 +96,14 @@ class AllToAllDispatcher:
         return out
 
     def run_experts(
-        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        experts: StackedExperts,
+        layer_id: int,
+        tok_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """tok_idx [M] (optional): the local token of each row; needed by dedup_tokens."""
         E, ep = counts.numel(), self.ep
         if E % ep or experts.num_experts != E // ep:
             raise ValueError(
@@ -103,6 +112,13 @@ class AllToAllDispatcher:
             )
         if ep == 1:
             return experts.loop_forward(x, counts) if self.use_loop else experts(x, counts)
+        if self.dedup_tokens:
+            if tok_idx is None:
+                raise ValueError(
+                    f"layer {layer_id}: parallel.dedup_tokens needs the token index of each row "
+                    "(run_experts(..., tok_idx=...)) and the MoE layer did not pass it"
+                )
+            return self._run_dedup(x, counts, experts, tok_idx)
         El = E // ep
         send_counts = counts.to(torch.long).view(ep, El)  # block j -> rank j
         recv_counts = exchange_counts(send_counts, self.ep_group)  # [ep, El] from source i
@@ -112,25 +128,82 @@ class AllToAllDispatcher:
         out_splits = recv_counts.sum(1).tolist()
         self.elem_bytes = x.element_size()
         xr = all_to_all_single(x, in_splits, out_splits, self.ep_group, self._token_counter)
-        # Rows arrive ordered (source rank, local expert); the experts want (local expert, source).
-        local_expert = torch.arange(El, device=x.device).repeat(ep)  # [ep*El]
+        yr = self._experts_by_source(xr, recv_counts, experts)  # (source rank, local expert)
+        return all_to_all_single(yr, out_splits, in_splits, self.ep_group, self._token_counter)
+
+    def _experts_by_source(
+        self, xr: torch.Tensor, recv_counts: torch.Tensor, experts: StackedExperts
+    ) -> torch.Tensor:
+        """Rows ordered (source rank, local expert) -> expert outputs in the same order."""
+        ep, El = recv_counts.shape
+        local_expert = torch.arange(El, device=xr.device).repeat(ep)  # [ep*El]
         expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten())
-        order = torch.argsort(expert_of_row, stable=True)
+        order = torch.argsort(expert_of_row, stable=True)  # -> (local expert, source rank)
         xe = xr.index_select(0, order)
         local_counts = recv_counts.sum(0)
         ye = experts.loop_forward(xe, local_counts) if self.use_loop else experts(xe, local_counts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        yr = ye.index_select(0, inverse)  # back to (source rank, local expert)
-        return all_to_all_single(yr, out_splits, in_splits, self.ep_group, self._token_counter)
+        return ye.index_select(0, inverse)
+
+    def _run_dedup(
+        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, tok_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Send each token once per destination rank (not once per expert), plus an int32 slot per
+        (token, expert) pair; the return trip stays per pair (the combine weight is applied on the
+        token's own rank). Saves dispatch bytes, forward and backward, when a token is chosen by
+        several experts of one rank.
+        """
+        E, ep = counts.numel(), self.ep
+        El, M, dev = E // ep, x.shape[0], x.device
+        counts = counts.to(torch.long)
+        dest = torch.repeat_interleave(torch.arange(E, device=dev), counts) // El  # [M]
+        n_tok = int(tok_idx.max()) + 1 if M else 1
+        uniq, inv = torch.unique(
+            dest * n_tok + tok_idx.long(), return_inverse=True
+        )  # by (dest, tok)
+        U = uniq.numel()
+        first = torch.full((U,), M, dtype=torch.long, device=dev).scatter_reduce(
+            0, inv, torch.arange(M, device=dev), "amin"
+        )  # a row holding each unique (dest, token); its gradient sums the token's pairs
+        uniq_per_dest = torch.bincount(uniq // n_tok, minlength=ep)  # [ep]
+        slot = inv - (torch.cumsum(uniq_per_dest, 0) - uniq_per_dest)[dest]  # [M] within chunk
+        send_meta = torch.cat([counts.view(ep, El), uniq_per_dest[:, None]], 1)  # [ep, El+1]
+        recv_meta = exchange_counts(send_meta, self.ep_group)
+        row = (El + 1) * send_meta.element_size()
+        self._log("counts", row * (ep - 1), row * (ep - 1))
+        recv_counts, recv_uniq = recv_meta[:, :El], recv_meta[:, El]
+        self.elem_bytes = x.element_size()
+        xu = all_to_all_single(
+            x.index_select(0, first),
+            uniq_per_dest.tolist(),
+            recv_uniq.tolist(),
+            self.ep_group,
+            self._token_counter,
+        )  # [U_recv, D] ordered by source rank
+        pair_in = counts.view(ep, El).sum(1).tolist()
+        pair_out = recv_counts.sum(1).tolist()
+        slot_r = all_to_all_single(
+            slot.to(torch.int32), pair_in, pair_out, self.ep_group, self._index_counter
+        )  # [P_recv] ordered (source rank, local expert, token)
+        src = torch.repeat_interleave(
+            torch.arange(ep, device=dev), torch.tensor(pair_out, device=dev)
+        )
+        src_start = torch.cumsum(recv_uniq, 0) - recv_uniq
+        xr = xu.index_select(0, src_start[src] + slot_r.long())  # [P_recv, D]
+        yr = self._experts_by_source(xr, recv_counts, experts)
+        return all_to_all_single(yr, pair_out, pair_in, self.ep_group, self._token_counter)
+
+    def _index_counter(self, phase: str, sent: int, recv: int) -> None:
+        self._log("index", sent, recv)
 
 
 # ----------------------------------------------------------------------------------------------------
 def a2a_bytes_summary(model: nn.Module, reset: bool = True) -> dict:
     """Bytes this rank moved in the MoE layers since the last reset, for metrics.jsonl (`a2a_bytes`).
 
-    Returns {"layers": {layer_id: {key: bytes}}, "total": {key: bytes}, "total_bytes": int,
-    "theoretical_min": int}. The minimum is 4 * N * C * D * bytes * (ep - 1) / ep summed over layers
+    Returns {"layers": {layer_id: {key: bytes}}, "total": {key: bytes}, "sent_bytes": int,
+    "recv_bytes": int, "theoretical_min": int}. The minimum is 4 * N * C * D * bytes * (ep - 1) / ep summed over layers
     (N*C = this rank's (token, expert) pairs, i.e. stats.pairs of the last forward; 4 = dispatch and
     return, forward and backward; (ep - 1)/ep = share of experts on other ranks under uniform
     routing). Layers with a local dispatcher report nothing.
@@ -154,6 +227,8 @@ def a2a_bytes_summary(model: nn.Module, reset: bool = True) -> dict:
     return {
         "layers": layers,
         "total": total,
-        "total_bytes": sum(total.values()),
+        # bytes this rank put on the wire (compare with theoretical_min, which counts one direction)
+        "sent_bytes": sum(v for k, v in total.items() if k.endswith("_sent")),
+        "recv_bytes": sum(v for k, v in total.items() if k.endswith("_recv")),
         "theoretical_min": int(minimum),
     }

@@ -13,6 +13,7 @@ Every collective names its group; with world_size == 1 there are no groups and n
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -24,7 +25,7 @@ from torch.distributed import ProcessGroup
 
 from diffmoe_dist.config import Config
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
+from diffmoe_dist.models.moe import Dispatcher, LocalDispatcher, MoELayer, StackedExperts
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 
 
@@ -131,9 +132,12 @@ def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:
         return
     from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 
-    if ps.dedup_tokens:
-        # Needs the token index of each dispatched row, which the Dispatcher protocol does not pass.
-        raise ValueError("parallel.dedup_tokens=True is not implemented yet; set it to false")
+    if ps.dedup_tokens and "tok_idx" not in inspect.signature(Dispatcher.run_experts).parameters:
+        # Dedup needs the token index of each dispatched row; refuse at start-up, not mid-forward.
+        raise ValueError(
+            "parallel.dedup_tokens=True needs MoELayer to pass tok_idx to dispatcher.run_experts "
+            "(models/moe.py); set parallel.dedup_tokens=false"
+        )
     layer.dispatcher = AllToAllDispatcher(
         ep=ps.ep,
         ep_group=ps.ep_group,
@@ -141,6 +145,7 @@ def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:
         pool_index=ps.pool_index,
         pool_group=ps.pool_group,
         layer_id=layer.layer_id,
+        dedup_tokens=ps.dedup_tokens,
     )
 
 

@@ -233,9 +233,14 @@ def test_two_containers_train(image: str, nodes: Nodes) -> None:
     ]
     logged = sorted({rec["step"] for rec in records if "step" in rec})
     assert logged and logged[-1] == steps, f"steps logged: {logged}"
+    last = next(rec for rec in reversed(records) if rec.get("step") == steps)
+    # Both containers took part: one job of world 2 with experts split over the two nodes.
+    assert last.get("world_size") == 2 and last.get("ep") == 2, last
     assert (run / "final.json").exists(), sorted(p.name for p in run.iterdir())
     checkpoints = (
         [p for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else []
     )
-    assert checkpoints, f"no checkpoint in {run / 'checkpoints'}"
+    assert any(p.name.endswith(f"{steps:08d}") for p in checkpoints), (
+        f"no step-{steps} checkpoint: {checkpoints}"
+    )
     print(f"2 containers trained {steps} steps in {time.monotonic() - t0:.1f} s")

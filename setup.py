@@ -8,7 +8,8 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
+    # The exact pin (torch==2.13.0) lives in constraints.txt, so NGC images keep their own torch.
+    "torch>=2.4",
     "numpy",
     "pyyaml",
     "scipy",

@@ -286,6 +286,7 @@ def _model_worker(rank: int, world: int, mode: str, ep: int, G: int, P: int, ste
     [
         (2, "diffmoe", 2, 4, 4),  # pool spans both ranks
         (2, "tc", 2, 4, 2),  # pools within ranks, token choice
+        (2, "diffmoe", 2, 8, 2),  # two pools within each rank under ep 2
         (4, "diffmoe", 2, 8, 4),  # dp 2 x ep 2, pools span 2 ranks
     ],
 )

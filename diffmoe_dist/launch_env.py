@@ -4,7 +4,8 @@ The trainer calls `resolve_launch_env()` once, before `init_process_group("env:/
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set in `os.environ`, so the same
 `init_process_group` line works under every launcher:
 
-- torchrun (also inside SLURM via launchers/slurm_train.sh): its variables are used as they are.
+- torchrun (also inside SLURM via launchers/slurm_train.sh): its variables are used as they are,
+  except after an elastic restart (see `_fresh_store_after_restart`).
 - mpirun / mpiexec (MPICH: PMI_RANK, Open MPI: OMPI_COMM_WORLD_RANK, PMIx: PMIX_RANK): rank and size
   come from MPI.COMM_WORLD, the local rank from a split by shared memory (= ranks on this host), and
   rank 0 picks a free TCP port on its own host and broadcasts it with its address.
@@ -20,7 +21,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Literal
 
 LaunchSource = Literal["torchrun", "mpi", "slurm", "single"]
@@ -91,7 +93,35 @@ def _from_torchrun() -> LaunchEnv:
         source="torchrun",
     )
     _check(env)
-    return env
+    return _fresh_store_after_restart(env)
+
+
+def _fresh_store_after_restart(env: LaunchEnv) -> LaunchEnv:
+    """After a torchrun restart, point env:// at a new store hosted by rank 0.
+
+    torchrun's workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE=True) without a
+    per-attempt prefix, so after a restart (`--max-restarts`, a worker was killed) the keys the dead
+    attempt wrote are still there: `new_group` then reads a dead rank's Gloo address and fails with
+    "connectFullMesh ... Connection refused" (torch 2.13, reproduced in tests/test_launchers.py).
+    From attempt 1 on, rank 0 therefore picks a free port on its own host, publishes host:port in the
+    agent store under a key unique to this attempt, and every rank uses that address with its own
+    store (TORCHELASTIC_USE_AGENT_STORE=False: env:// makes rank 0 host a fresh TCPStore there).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return env
+    from torch.distributed import TCPStore
+
+    agent_store = TCPStore(
+        env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=300)
+    )
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    key = f"diffmoe_launch_env/{run_id}/attempt_{restart}/master"
+    if env.rank == 0:
+        agent_store.set(key, f"{_this_host_address()}:{_free_port()}")
+    host, port = agent_store.get(key).decode().rsplit(":", 1)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    return replace(env, master_addr=host, master_port=int(port))
 
 
 def _from_mpi() -> LaunchEnv:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,41 @@ def test_mpiexec_ranks_and_all_reduce() -> None:
     assert [r["sum"] for r in rows] == [3.0, 3.0]  # 1 + 2
 
 
+ELASTIC_PROGRAM = textwrap.dedent(
+    """
+    import datetime, os, torch, torch.distributed as dist
+    from diffmoe_dist.launch_env import resolve_launch_env
+    env = resolve_launch_env()
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    group = dist.new_group([0, 1])
+    if attempt == 0 and env.rank == 1:
+        os._exit(1)  # dies after its group keys are in the store, like a killed worker
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    print(f"attempt {attempt} rank {env.rank} sum {t.item()}", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_torchrun_restart_gets_a_fresh_store(tmp_path: Path) -> None:
+    """After a torchrun restart, groups must not see the dead attempt's store keys (plain env://
+    on the agent store fails here with "connectFullMesh ... Connection refused")."""
+    program = tmp_path / "elastic.py"
+    program.write_text(ELASTIC_PROGRAM)
+    proc = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=1", str(program)],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("attempt"))
+    assert lines == ["attempt 1 rank 0 sum 2.0", "attempt 1 rank 1 sum 2.0"]
+
+
 # ---- the single-node launchers --------------------------------------------------------------------
 def _run_launcher(script: str, env: dict[str, str], *args: str, timeout: int = 300):
     return subprocess.run(
@@ -223,3 +259,67 @@ def test_torchrun_and_mpirun_launchers_train_identically(tmp_path: Path) -> None
     torchrun, mpirun = runs.values()
     assert sorted(torchrun) == [1, 2, 3, 4]
     assert mpirun == pytest.approx(torchrun, rel=1e-6, abs=1e-7)
+
+
+def _final_state(run_dir: Path, step: int) -> dict:
+    """The checkpoint at `step` as one flat dict (model, EMA, optimizer, RNG), read without ranks."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = run_dir / f"state-{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{step:08d}", out)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path: Path) -> None:
+    """kill -9 of one worker under torchrun --max-restarts=1: the agent restarts the group, the
+    trainer resumes from the latest checkpoint, and the final weights, EMA, optimizer state and
+    every step's loss equal an uninterrupted run's exactly."""
+    import psutil
+    import torch
+
+    steps = 30
+    overrides = ["--set", "parallel.ep=2", "--set", f"train.steps={steps}"]
+    overrides += ["--set", "train.ckpt_every=5", "--set", "train.log_every=1"]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    ref = _run_launcher("torchrun_local.sh", {"NPROC": "2", "RUN_DIR": str(ref_dir)}, *overrides)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    log = (tmp_path / "killed.log").open("w")
+    agent = subprocess.Popen(
+        [str(REPO / "launchers" / "torchrun_local.sh"), *overrides],
+        env={**_child_env(), "NPROC": "2", "RUN_DIR": str(run_dir), "MAX_RESTARTS": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        killed = None
+        while time.monotonic() < deadline and agent.poll() is None:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and max(_losses(run_dir), default=0) >= 7:  # past checkpoint 5
+                workers = psutil.Process(agent.pid).children()
+                victim = [w for w in workers if w.environ().get("LOCAL_RANK") == "1"]
+                assert len(victim) == 1, [w.cmdline() for w in workers]
+                victim[0].kill()  # SIGKILL: no handler, no checkpoint, no goodbye
+                killed = max(_losses(run_dir))
+                break
+            time.sleep(0.1)
+        assert killed is not None, "the run finished or stalled before a worker could be killed"
+        assert agent.wait(timeout=300) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        log.close()
+    text = (tmp_path / "killed.log").read_text()
+    assert killed < steps
+    # Steps after the last checkpoint before the kill were logged twice: the resumed values win.
+    assert _losses(run_dir) == _losses(ref_dir)
+    assert json.loads((run_dir / "final.json").read_text())["step"] == steps
+    assert "restart" in text.lower() or "Restarting" in text
+    got, want = _final_state(run_dir, steps), _final_state(ref_dir, steps)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key

@@ -206,7 +206,7 @@ def a2a_bytes_summary(model: nn.Module, reset: bool = True) -> dict:
     "recv_bytes": int, "theoretical_min": int}. The minimum is 4 * N * C * D * bytes * (ep - 1) / ep summed over layers
     (N*C = this rank's (token, expert) pairs, i.e. stats.pairs of the last forward; 4 = dispatch and
     return, forward and backward; (ep - 1)/ep = share of experts on other ranks under uniform
-    routing). Layers with a local dispatcher report nothing.
+    routing). Returns {} when no layer has an all-to-all dispatcher (ep = 1).
     """
     from diffmoe_dist.models.moe import MoELayer
 
@@ -224,6 +224,8 @@ def a2a_bytes_summary(model: nn.Module, reset: bool = True) -> dict:
         minimum += 4 * m.stats.pairs * m.dim * d.elem_bytes * (d.ep - 1) / d.ep
         if reset:
             d.reset()
+    if not layers:
+        return {}  # no all-to-all dispatcher (ep = 1): nothing moved, nothing to log
     return {
         "layers": layers,
         "total": total,

@@ -134,7 +134,7 @@ def _layer_case(rank: int, world: int, case: dict) -> dict:
     others[tok] = False
     n_in = int(ref.stats.route_mask[others][:, lo:hi].sum())
     summary = a2a_bytes_summary(ep_layer)
-    rec = summary["layers"].get(1, {})
+    rec = summary.get("layers", {}).get(1, {})
     return {
         "errs": errs,
         "mask_ok": mask_ok,

@@ -84,19 +84,3 @@ def test_startup_refuses_ep_with_dense_or_indivisible_experts():
         layout_from_config(_cfg(ep=2, mode="dense"), 2)
     with pytest.raises(ValueError, match=r"ep=3.*num_experts=4"):
         layout_from_config(_cfg(ep=3, E=4, G=3, P=1), 3)
-
-
-def test_dedup_tokens_refused_until_the_layer_passes_token_indices():
-    import inspect
-
-    import torch
-
-    from diffmoe_dist.models.moe import Dispatcher, MoELayer
-    from diffmoe_dist.parallel.parallelize import ParallelState, install_dispatcher
-
-    if "tok_idx" in inspect.signature(Dispatcher.run_experts).parameters:
-        pytest.skip("models/moe.py passes tok_idx: dedup_tokens is available")
-    ps = ParallelState(2, 0, 2, 1, 0, 0, 1, None, None, None, None, dedup_tokens=True)
-    torch.manual_seed(0)
-    with pytest.raises(ValueError, match="dedup_tokens"):
-        install_dispatcher(MoELayer(8, 16, 4), ps)

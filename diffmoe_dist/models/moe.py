@@ -134,9 +134,18 @@ class Dispatcher(Protocol):
         ...
 
     def run_experts(
-        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        experts: StackedExperts,
+        layer_id: int,
+        tok_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [M, D] grouped by *global* expert (ascending), counts [E] -> expert outputs [M, D]."""
+        """x [M, D] grouped by *global* expert (ascending), counts [E] -> expert outputs [M, D].
+
+        tok_idx [M]: the local token of each row, so a dispatcher can send a token chosen by several
+        experts of one rank only once (parallel.dedup_tokens).
+        """
         ...
 
 
@@ -153,7 +162,12 @@ class LocalDispatcher:
         return t
 
     def run_experts(
-        self, x: torch.Tensor, counts: torch.Tensor, experts: StackedExperts, layer_id: int
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        experts: StackedExperts,
+        layer_id: int,
+        tok_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.use_loop:
             return experts.loop_forward(x, counts)
@@ -261,7 +275,9 @@ class MoELayer(nn.Module):
         exp_idx, tok_idx = mask.t().nonzero(as_tuple=True)  # grouped by expert, then token index
         counts = mask.sum(0)  # [E]
         weights = scores[tok_idx, exp_idx]  # [M] combine weights, not renormalised
-        y_sel = self.dispatcher.run_experts(xf[tok_idx], counts, self.experts, self.layer_id)
+        y_sel = self.dispatcher.run_experts(
+            xf[tok_idx], counts, self.experts, self.layer_id, tok_idx=tok_idx
+        )
         out = torch.zeros_like(xf).index_add_(0, tok_idx, (y_sel * weights[:, None]).to(xf.dtype))
         stats.pairs = int(tok_idx.numel())
         stats.expert_counts = counts.detach()

@@ -13,7 +13,6 @@ Every collective names its group; with world_size == 1 there are no groups and n
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,7 +24,7 @@ from torch.distributed import ProcessGroup
 
 from diffmoe_dist.config import Config
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.models.moe import Dispatcher, LocalDispatcher, MoELayer, StackedExperts
+from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 
 
@@ -82,8 +81,16 @@ def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelSta
             )
         timeout = timedelta(seconds=cfg.parallel.timeout_s)
         world_group = _new_groups([list(range(world_size))], rank, timeout)
-        ep_group = _new_groups(lay.ep_groups(), rank, timeout)
-        edp_group = _new_groups(lay.edp_groups(), rank, timeout)
+        if cfg.parallel.groups == "torch":
+            ep_group = _new_groups(lay.ep_groups(), rank, timeout)
+            edp_group = _new_groups(lay.edp_groups(), rank, timeout)
+        else:
+            # DeepSpeed's expert groups or Megatron-core's parallel_state, checked rank for rank
+            # against the layout inside build_expert_groups.
+            from diffmoe_dist.parallel.groups import build_expert_groups
+
+            eg = build_expert_groups(cfg.parallel.groups, world_size, rank, lay.ep, timeout)
+            ep_group, edp_group = eg.ep_group, eg.edp_group
         pool_group = _new_groups(lay.pool_groups(), rank, timeout)
     return ParallelState(
         world_size=world_size,
@@ -132,12 +139,6 @@ def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:
         return
     from diffmoe_dist.parallel.dispatch import AllToAllDispatcher
 
-    if ps.dedup_tokens and "tok_idx" not in inspect.signature(Dispatcher.run_experts).parameters:
-        # Dedup needs the token index of each dispatched row; refuse at start-up, not mid-forward.
-        raise ValueError(
-            "parallel.dedup_tokens=True needs MoELayer to pass tok_idx to dispatcher.run_experts "
-            "(models/moe.py); set parallel.dedup_tokens=false"
-        )
     layer.dispatcher = AllToAllDispatcher(
         ep=ps.ep,
         ep_group=ps.ep_group,

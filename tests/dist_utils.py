@@ -11,6 +11,7 @@ dicts, lists; tensors are fine too but keep them small).
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -52,7 +53,11 @@ def _worker(
             timeout=timedelta(seconds=pg_timeout_s),
         )
         out = fn(rank, world_size, *args)
-        results.put((rank, True, out))
+        # Bytes, not tensors: a queued tensor is a shared-memory handle that vanishes when this
+        # process exits before the parent reads it.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - everything goes back to the test
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -124,4 +129,6 @@ def run_distributed(
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise DistributedError(f"{len(errors)} rank(s) failed:\n{msg}")
-    return [got[r][1] for r in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(world_size)]

@@ -255,11 +255,15 @@ class Trainer:
         stats = self.model.moe_stats()
         if not stats:
             return {}
-        caps = [s.capacity for s in stats]
-        out: dict[str, Any] = {"capacity_per_layer": caps}
-        out["tokens_per_expert"] = [
-            s.expert_counts.tolist() for s in stats if s.expert_counts is not None
-        ]
+        # Summed over all ranks, so the numbers are those of the global batch whatever the layout.
+        counts = torch.stack([s.expert_counts.double().cpu() for s in stats])  # [layers, E]
+        sizes = torch.tensor([[s.pairs, s.tokens] for s in stats], dtype=torch.float64)
+        if self.ps.world_group is not None:
+            packed = torch.cat([counts, sizes], dim=1).to(self.device)
+            dist.all_reduce(packed, group=self.ps.world_group)
+            counts, sizes = packed[:, :-2].cpu(), packed[:, -2:].cpu()
+        out: dict[str, Any] = {"capacity_per_layer": (sizes[:, 0] / sizes[:, 1]).tolist()}
+        out["tokens_per_expert"] = counts.long().tolist()
         out["thresholds"] = [layer.thresholds.tolist() for layer in self.model.moe_layers()]
         out["pool_samples"] = self.cfg.moe.pool_samples
         try:

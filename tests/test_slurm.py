@@ -36,7 +36,7 @@ FINAL_STATES = {
     "PREEMPTED",
 }
 # A run long enough to be interrupted mid-way; the 1-node run is also the uninterrupted reference.
-STEPS = 16
+STEPS = 60
 TRAIN_ARGS = [
     "--set",
     "parallel.ep=2",
@@ -279,15 +279,26 @@ def _assert_resumed_identically(
     assert same_steps == pytest.approx(reference, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize(
+    "scancel_args",
+    [
+        ["--signal=USR1"],  # to the job steps: the workers get it directly
+        ["--batch", "--signal=USR1"],  # to the batch shell only: it forwards through srun
+    ],
+    ids=["step", "batch-shell"],
+)
 def test_preempt_usr1_requeues_and_resumes_identically(
-    slurm_env: dict[str, str], tmp_path: Path, reference_run: dict[int, float]
+    slurm_env: dict[str, str],
+    tmp_path: Path,
+    reference_run: dict[int, float],
+    scancel_args: list[str],
 ) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = sbatch(
         slurm_env, log, "--nodes=1", str(LAUNCHER), *TRAIN_ARGS, extra_env={"RUN_DIR": str(run_dir)}
     )
     _wait_for_step(run_dir, 3, log)
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)
+    subprocess.run(["scancel", *scancel_args, job], env=slurm_env, check=True)
     info = wait_job(slurm_env, job, log, timeout=300)
     _assert_resumed_identically(run_dir, info, log, reference_run)
 

@@ -17,16 +17,25 @@ When a training pool spans ``pool_span`` ranks, ``gather_pool`` all-gathers the 
 (or predictor probabilities) of the pool's ranks in global token order, so every rank of the pool
 computes the same top-k. Every byte sent to or received from another rank is logged in
 ``bytes_log[layer_id]`` (tokens forward and backward, scores, counts) until ``reset()``.
+Wall time spent inside these collectives (forward, and the token all-to-alls' backward) accumulates
+in ``comm_time_s`` (seconds, not reset by ``reset()``; diffmoe_dist/telemetry.py reads and zeroes it).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn as nn
 from torch.distributed import ProcessGroup
 
 from diffmoe_dist.models.moe import StackedExperts
-from diffmoe_dist.parallel.comm import all_gather_rows, all_to_all_single, exchange_counts
+from diffmoe_dist.parallel.comm import (
+    ByteCounter,
+    all_gather_rows,
+    all_to_all_single,
+    exchange_counts,
+)
 
 BYTE_KEYS = (
     "tokens_sent",  # forward: dispatch + return all-to-all
@@ -68,6 +77,7 @@ class AllToAllDispatcher:
         self.pool_span, self.pool_index, self.pool_group = pool_span, pool_index, pool_group
         self.layer_id, self.use_loop, self.dedup_tokens = layer_id, use_loop, dedup_tokens
         self.bytes_log: dict[int, dict[str, int]] = {}
+        self.comm_time_s = 0.0  # wall time inside this dispatcher's collectives (fwd + bwd)
         self.elem_bytes = (
             4  # element size of the last tokens dispatched (for the theoretical minimum)
         )
@@ -90,7 +100,9 @@ class AllToAllDispatcher:
         """[N_local, E] -> [pool_span * N_local, E], global token order (ranks are consecutive)."""
         if self.pool_span == 1:
             return t
+        t0 = time.perf_counter()
         out = all_gather_rows(t.detach(), self.pool_group)
+        self.comm_time_s += time.perf_counter() - t0
         own = t.numel() * t.element_size()
         self._log("scores", own * (self.pool_span - 1), out.numel() * out.element_size() - own)
         return out
@@ -121,15 +133,17 @@ class AllToAllDispatcher:
             return self._run_dedup(x, counts, experts, tok_idx)
         El = E // ep
         send_counts = counts.to(torch.long).view(ep, El)  # block j -> rank j
+        t0 = time.perf_counter()
         recv_counts = exchange_counts(send_counts, self.ep_group)  # [ep, El] from source i
+        self.comm_time_s += time.perf_counter() - t0
         row = El * send_counts.element_size()
         self._log("counts", row * (ep - 1), row * (ep - 1))
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
         self.elem_bytes = x.element_size()
-        xr = all_to_all_single(x, in_splits, out_splits, self.ep_group, self._token_counter)
+        xr = self._timed_a2a(x, in_splits, out_splits, self.ep_group, self._token_counter)
         yr = self._experts_by_source(xr, recv_counts, experts)  # (source rank, local expert)
-        return all_to_all_single(yr, out_splits, in_splits, self.ep_group, self._token_counter)
+        return self._timed_a2a(yr, out_splits, in_splits, self.ep_group, self._token_counter)
 
     def _experts_by_source(
         self, xr: torch.Tensor, recv_counts: torch.Tensor, experts: StackedExperts
@@ -169,12 +183,14 @@ class AllToAllDispatcher:
         uniq_per_dest = torch.bincount(uniq // n_tok, minlength=ep)  # [ep]
         slot = inv - (torch.cumsum(uniq_per_dest, 0) - uniq_per_dest)[dest]  # [M] within chunk
         send_meta = torch.cat([counts.view(ep, El), uniq_per_dest[:, None]], 1)  # [ep, El+1]
+        t0 = time.perf_counter()
         recv_meta = exchange_counts(send_meta, self.ep_group)
+        self.comm_time_s += time.perf_counter() - t0
         row = (El + 1) * send_meta.element_size()
         self._log("counts", row * (ep - 1), row * (ep - 1))
         recv_counts, recv_uniq = recv_meta[:, :El], recv_meta[:, El]
         self.elem_bytes = x.element_size()
-        xu = all_to_all_single(
+        xu = self._timed_a2a(
             x.index_select(0, first),
             uniq_per_dest.tolist(),
             recv_uniq.tolist(),
@@ -183,7 +199,7 @@ class AllToAllDispatcher:
         )  # [U_recv, D] ordered by source rank
         pair_in = counts.view(ep, El).sum(1).tolist()
         pair_out = recv_counts.sum(1).tolist()
-        slot_r = all_to_all_single(
+        slot_r = self._timed_a2a(
             slot.to(torch.int32), pair_in, pair_out, self.ep_group, self._index_counter
         )  # [P_recv] ordered (source rank, local expert, token)
         src = torch.repeat_interleave(
@@ -192,10 +208,45 @@ class AllToAllDispatcher:
         src_start = torch.cumsum(recv_uniq, 0) - recv_uniq
         xr = xu.index_select(0, src_start[src] + slot_r.long())  # [P_recv, D]
         yr = self._experts_by_source(xr, recv_counts, experts)
-        return all_to_all_single(yr, pair_out, pair_in, self.ep_group, self._token_counter)
+        return self._timed_a2a(yr, pair_out, pair_in, self.ep_group, self._token_counter)
 
     def _index_counter(self, phase: str, sent: int, recv: int) -> None:
         self._log("index", sent, recv)
+
+    def _timed_a2a(
+        self,
+        x: torch.Tensor,
+        in_splits: list[int],
+        out_splits: list[int],
+        group: ProcessGroup,
+        counter: ByteCounter,
+    ) -> torch.Tensor:
+        """all_to_all_single, its wall time added to comm_time_s in forward and in backward."""
+        if x.requires_grad:
+            x = _GradClock.apply(x, self, "end")  # its backward runs right after the a2a backward
+        t0 = time.perf_counter()
+        out = all_to_all_single(x, in_splits, out_splits, group, counter)
+        self.comm_time_s += time.perf_counter() - t0
+        return _GradClock.apply(out, self, "start") if out.requires_grad else out
+
+
+class _GradClock(torch.autograd.Function):
+    """Identity; its backward stamps the time, so a pair of them brackets a collective's backward."""
+
+    @staticmethod
+    def forward(ctx, x, owner, edge):  # type: ignore[override]
+        ctx.owner, ctx.edge = owner, edge
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        now = time.perf_counter()
+        if ctx.edge == "start":
+            ctx.owner._bwd_t0 = now
+        elif getattr(ctx.owner, "_bwd_t0", None) is not None:
+            ctx.owner.comm_time_s += now - ctx.owner._bwd_t0
+            ctx.owner._bwd_t0 = None
+        return grad, None, None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,19 +28,40 @@ from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.distributed import cleanup, init_distributed
 from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
+from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
 from diffmoe_dist.transport.samplers import sample as run_sampler
 
 
 class CapacityMeter:
-    """Accumulates realised capacity (pairs / tokens) per MoE layer over every forward of a run."""
+    """Accumulates realised capacity (pairs / tokens) per MoE layer over every forward of a run.
 
-    def __init__(self) -> None:
+    With ``num_classes`` it also keeps expert telemetry (diffmoe_dist/telemetry.py: tokens per
+    expert, predictor precision/recall, compute by t bucket and class) over the whole run; set
+    ``valid`` [B] before a batch to leave its padding samples out of the telemetry.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
         self.pairs: list[int] = []
         self.tokens: list[int] = []
+        self.telemetry = (
+            ExpertTelemetry(num_classes, world_size, rank) if num_classes is not None else None
+        )
+        self.valid: torch.Tensor | None = None
+        self.device = device
 
-    def add(self, model: DiffMoE) -> None:
+    def add(
+        self, model: DiffMoE, t: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> None:
         stats = model.moe_stats()
+        if self.telemetry is not None and t is not None and y is not None:
+            self.telemetry.add(stats, t, y, self.valid)
         if not self.pairs:
             self.pairs, self.tokens = [0] * len(stats), [0] * len(stats)
         for i, s in enumerate(stats):
@@ -48,6 +69,8 @@ class CapacityMeter:
             self.tokens[i] += s.tokens
 
     def reduce(self, group: dist.ProcessGroup | None) -> None:
+        if self.telemetry is not None:
+            self.telemetry.reduce(group, self.device)  # one packed all-reduce, every rank
         if group is None or not self.pairs:
             return
         t = torch.tensor([self.pairs, self.tokens], dtype=torch.float64)
@@ -56,7 +79,10 @@ class CapacityMeter:
 
     def summary(self) -> dict[str, Any]:
         per = [p / max(n, 1) for p, n in zip(self.pairs, self.tokens)]
-        return {"c_infer_per_layer": per, "c_infer": (sum(per) / len(per)) if per else 1.0}
+        out = {"c_infer_per_layer": per, "c_infer": (sum(per) / len(per)) if per else 1.0}
+        if self.telemetry is not None:
+            out["telemetry"] = self.telemetry.summary()
+        return out
 
 
 def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> Path:
@@ -144,7 +170,7 @@ def generate(
 
     def counted(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model(x, t, y)
-        meter.add(model)
+        meter.add(model, t, y)
         return out
 
     vfn = cfg_velocity_fn(
@@ -213,11 +239,12 @@ def sample_from_checkpoint(
     # Every rank runs the same number of equally sized batches (the dispatcher's collectives need it);
     # the padding samples are dropped at the end.
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-    meter = CapacityMeter()
+    meter = CapacityMeter(cfg.model.num_classes, W, rank, info.device)
     outs = []
     for start in range(0, per_rank, bs):
         idx = mine[start : start + bs]
         lab = labels[idx.clamp(max=n - 1)]
+        meter.valid = idx < n  # padding samples stay out of the telemetry
         outs.append(generate(net, cfg, lab, int(idx[0]), info.device, meter).float().cpu())
     local = torch.cat(outs)
     meter.reduce(ps.world_group)

@@ -53,6 +53,7 @@ from diffmoe_dist.parallel.parallelize import (
     parallelize_model,
     reduce_thresholds,
 )
+from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer.ema import update_ema
 from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr
 from diffmoe_dist.transport.loss import flow_matching_mse
@@ -100,6 +101,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, self.rank == 0, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()
         )
+        # per-layer expert telemetry, summed over ranks at log steps (diffmoe_dist/telemetry.py)
+        self.telemetry = ExpertTelemetry(cfg.model.num_classes, self.world_size, self.rank)
         self.step = self._last_saved = 0
         self._resume()
         if self.rank == 0:
@@ -182,6 +185,7 @@ class Trainer:
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
         ):
             v = self.model(zt, t, y)
+        self.telemetry.add(self.model.moe_stats(), t, y)  # local counters only, no collective
         flow = flow_matching_mse(v.float(), x1, x0).mean()
         aux = self.model.aux_losses()
         moe = self.cfg.moe
@@ -252,9 +256,10 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def moe_metrics(self) -> dict[str, Any]:
+        tele = self.telemetry.log_metrics(self.ps.world_group, self.device)  # one all-reduce
         stats = self.model.moe_stats()
         if not stats:
-            return {}
+            return tele
         # Summed over all ranks, so the numbers are those of the global batch whatever the layout.
         counts = torch.stack([s.expert_counts.double().cpu() for s in stats])  # [layers, E]
         sizes = torch.tensor([[s.pairs, s.tokens] for s in stats], dtype=torch.float64)
@@ -262,7 +267,7 @@ class Trainer:
             packed = torch.cat([counts, sizes], dim=1).to(self.device)
             dist.all_reduce(packed, group=self.ps.world_group)
             counts, sizes = packed[:, :-2].cpu(), packed[:, -2:].cpu()
-        out: dict[str, Any] = {"capacity_per_layer": (sizes[:, 0] / sizes[:, 1]).tolist()}
+        out: dict[str, Any] = {**tele, "capacity_per_layer": (sizes[:, 0] / sizes[:, 1]).tolist()}
         out["tokens_per_expert"] = counts.long().tolist()
         out["thresholds"] = [layer.thresholds.tolist() for layer in self.model.moe_layers()]
         out["pool_samples"] = self.cfg.moe.pool_samples
@@ -295,6 +300,7 @@ class Trainer:
         t_log, samples = time.perf_counter(), 0
         while self.step < total:
             out = self.train_step()
+            self.telemetry.add_step(out["step_time"], self.model)
             samples += cfg.global_batch_size
             if self.step % cfg.log_every == 0 or self.step == total:
                 last = self._reduced(

@@ -130,30 +130,33 @@ def test_batch_step_alone_is_not_a_multi_rank_launch(clean_env: pytest.MonkeyPat
 
 MPI_PROGRAM = textwrap.dedent(
     """
-    import datetime, json, torch, torch.distributed as dist
+    import datetime, json, sys, torch, torch.distributed as dist
+    from pathlib import Path
     from diffmoe_dist.launch_env import resolve_launch_env
     env = resolve_launch_env()
     dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
     t = torch.tensor([float(env.rank + 1)])
     dist.all_reduce(t)
-    print(json.dumps({**env.__dict__, "sum": t.item(), "torch_rank": dist.get_rank()}), flush=True)
+    row = {**env.__dict__, "sum": t.item(), "torch_rank": dist.get_rank()}
+    # one file per rank: mpiexec merges the ranks' stdout, and lines can interleave
+    (Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
     """
 )
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec (mpich wheel) not installed")
-def test_mpiexec_ranks_and_all_reduce() -> None:
+def test_mpiexec_ranks_and_all_reduce(tmp_path: Path) -> None:
     pytest.importorskip("mpi4py")
     proc = subprocess.run(
-        ["mpiexec", "-n", "2", sys.executable, "-c", MPI_PROGRAM],
+        ["mpiexec", "-n", "2", sys.executable, "-c", MPI_PROGRAM, str(tmp_path)],
         env=_child_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert len(rows) == 2, proc.stdout
     assert {r["source"] for r in rows} == {"mpi"}
     assert sorted(r["rank"] for r in rows) == [0, 1]
@@ -166,7 +169,8 @@ def test_mpiexec_ranks_and_all_reduce() -> None:
 
 ELASTIC_PROGRAM = textwrap.dedent(
     """
-    import datetime, os, torch, torch.distributed as dist
+    import datetime, os, sys, torch, torch.distributed as dist
+    from pathlib import Path
     from diffmoe_dist.launch_env import resolve_launch_env
     env = resolve_launch_env()
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
@@ -176,7 +180,7 @@ ELASTIC_PROGRAM = textwrap.dedent(
         os._exit(1)  # dies after its group keys are in the store, like a killed worker
     t = torch.ones(1)
     dist.all_reduce(t, group=group)
-    print(f"attempt {attempt} rank {env.rank} sum {t.item()}", flush=True)
+    (Path(sys.argv[1]) / f"rank{env.rank}.txt").write_text(f"attempt {attempt} sum {t.item()}")
     dist.destroy_process_group()
     """
 )
@@ -188,15 +192,16 @@ def test_torchrun_restart_gets_a_fresh_store(tmp_path: Path) -> None:
     program = tmp_path / "elastic.py"
     program.write_text(ELASTIC_PROGRAM)
     proc = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=1", str(program)],
+        ["torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=1", str(program)]
+        + [str(tmp_path)],
         env=_child_env(),
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("attempt"))
-    assert lines == ["attempt 1 rank 0 sum 2.0", "attempt 1 rank 1 sum 2.0"]
+    results = [p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))]
+    assert results == ["attempt 1 sum 2.0", "attempt 1 sum 2.0"]  # both ranks, after the restart
 
 
 # ---- the single-node launchers --------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Instruments: the MoE layer benchmark (moe_bench) and the cluster planner (planner)."""

@@ -1,0 +1,276 @@
+"""Cluster planner: predicted step time, all-to-all share and memory per GPU of a DiffMoE layout.
+
+Everything is per GPU and per training step (forward + backward + gradient sync), for a layout of
+``nodes`` x ``gpus_per_node`` GPUs, expert-parallel degree ``ep`` (ep groups are consecutive ranks,
+as parallel/layout.py builds them), global batch G, pool of ``pool_samples`` images, T = 256 tokens
+per image. Units: bytes, GB/s (1e9 bytes/s), milliseconds.
+
+Compute. FLOPs per token, forward + backward (= 3x forward; moe_bench.flops_per_token for the FFNs):
+  every block   attention projections 3 x 8 D^2, attention scores 3 x 4 T D, adaLN 3 x 12 D^2 / T
+  dense FFN     48 D^2 (blocks 0, 2, 4, ...)
+  MoE FFN       48 D^2 C + router 6 DE + predictor 4 D^2 + 6 DE (blocks 1, 3, 5, ...)
+divided by an achieved FLOP/s: measured by bench_moe.py (``calibrate``: the dense FFN's rate for the
+dense parts, the diffmoe layer's rate for the MoE FFNs) or a default of 40% of an H100's bf16 peak.
+
+Communication per MoE layer per step, bytes this rank sends (parallel/dispatch.py counts the same):
+  tokens  4 N C D b (ep - 1) / ep     dispatch + return, forward + backward; N tokens on this rank,
+                                      b bytes per element; (ep-1)/ep = share of experts elsewhere
+  scores  gathers x N E 4 (span - 1)  pool scores (and predictor probabilities: gathers = 2 for
+                                      diffmoe) all-gathered when a pool spans ``span`` ranks
+  counts  (E / ep) 8 (ep - 1)         per-expert counts before each dispatch
+The share of destinations inside the node goes at NVLink speed, the rest at InfiniBand speed, one after
+the other (no overlap), plus a latency per collective. Gradient sync: ring all-reduce, 2 (n-1)/n x the
+gradient bytes over the slowest link of the group (dense: whole world; experts: expert-data-parallel
+group), not overlapped with backward. These are a model's assumptions, not measurements.
+
+Memory per GPU: parameters this rank holds (dense + E/ep experts of each MoE layer) x 20 bytes (fp32
+weights, gradients, two AdamW moments, fp32 EMA) + activations of the micro-batch, bf16, no recompute,
+D (34 + 5 heads T / D) bytes per token per block (Megatron-LM's estimate for a transformer layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from diffmoe_dist.bench.moe_bench import TOKENS_PER_IMAGE, flops_per_token
+
+# name -> (depth, width, heads, experts); the DiT-L / XL sizes of models/registry.py
+MODELS: dict[str, tuple[int, int, int, int]] = {
+    "DiffMoE-S-E16": (12, 384, 6, 16),
+    "DiffMoE-B-E16": (12, 768, 12, 16),
+    "DiffMoE-L-E8": (24, 1024, 16, 8),
+    "DiffMoE-L-E16": (24, 1024, 16, 16),
+    "DiffMoE-XL-E8": (28, 1152, 16, 8),
+    "DiffMoE-XL-E16": (28, 1152, 16, 16),
+}
+H100_BF16 = 989.4e12
+DEFAULT_RATE = 0.4 * H100_BF16  # FLOP/s when no benchmark JSON is given
+BYTES_PER_PARAM = 20  # fp32 weight + grad + AdamW m, v + EMA copy
+
+
+@dataclass(frozen=True)
+class Links:
+    nvlink_gbps: float = 450.0  # per GPU, one direction
+    ib_gbps: float = 50.0  # per GPU (one 400 Gb/s NIC per GPU); 25 for 200 Gb/s
+    latency_us: float = 15.0  # per collective
+
+    def __post_init__(self) -> None:
+        for name in ("nvlink_gbps", "ib_gbps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r}: a bandwidth must be a positive number of GB/s")
+        if self.latency_us < 0:
+            raise ValueError(f"latency_us={self.latency_us}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Achieved FLOP/s for the dense parts and for the MoE FFNs (``calibrate`` from a bench JSON)."""
+
+    dense_flops: float = DEFAULT_RATE
+    moe_flops: float = DEFAULT_RATE
+    source: str = "default: 40% of H100 bf16 peak"
+
+
+@dataclass
+class Plan:
+    model: str
+    nodes: int
+    gpus_per_node: int
+    ep: int
+    micro_batch: int
+    pool_span: int
+    compute_ms: float
+    a2a_ms: float
+    grad_sync_ms: float
+    step_ms: float
+    a2a_share: float
+    a2a_bytes_per_layer: dict[str, float]
+    params_per_gpu: float
+    memory_gb: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------
+def param_counts(
+    depth: int,
+    dim: int,
+    num_experts: int,
+    num_classes: int = 1000,
+    patch: int = 2,
+    channels: int = 4,
+) -> dict[str, int]:
+    """{'dense': parameters every rank holds, 'expert': all experts' parameters} of a DiffMoE.
+
+    Hand count of models/dit.py: patch embed, frozen positions, timestep MLP (256 -> D -> D), label
+    table (+ null class), per block attention (4 D^2 + 4 D) and adaLN (6 D^2 + 6 D), FFN 8 D^2 + 5 D,
+    per MoE layer router E D and predictor D^2 + D + D E + E, final layer.
+    """
+    D, E, T = dim, num_experts, TOKENS_PER_IMAGE
+    pp = patch * patch * channels
+    embed = (pp * D + D) + T * D + (256 * D + D + D * D + D) + (num_classes + 1) * D
+    final = (2 * D * D + 2 * D) + (D * pp + pp)
+    n_moe = depth // 2
+    ffn = 8 * D * D + 5 * D
+    dense = embed + final + depth * (10 * D * D + 10 * D) + (depth - n_moe) * ffn
+    dense += n_moe * (E * D + D * D + D + D * E + E)
+    return {"dense": dense, "expert": n_moe * E * ffn}
+
+
+def moe_layer_bytes(
+    tokens: int,
+    dim: int,
+    num_experts: int,
+    ep: int,
+    pool_span: int = 1,
+    capacity: float = 1.0,
+    elem_bytes: int = 2,
+    score_gathers: int = 2,
+) -> dict[str, float]:
+    """Bytes one rank sends for one MoE layer in one training step (module docstring)."""
+    if ep < 1 or num_experts % ep:
+        raise ValueError(f"ep={ep} must be >= 1 and divide num_experts={num_experts}")
+    if pool_span < 1 or ep % pool_span:
+        raise ValueError(f"pool_span={pool_span} must divide ep={ep}")
+    out = {
+        "tokens": 4 * tokens * capacity * dim * elem_bytes * (ep - 1) / ep,
+        "scores": score_gathers * tokens * num_experts * 4 * (pool_span - 1),
+        "counts": (num_experts // ep) * 8 * (ep - 1),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def calibrate(bench: dict, dim: int | None = None) -> Rates:
+    """Achieved FLOP/s from a bench_moe.py JSON: the case with most tokens (width nearest ``dim``)."""
+    cases = bench.get("cases") if isinstance(bench, dict) else None
+    if not cases:
+        raise ValueError(
+            "benchmark JSON has no 'cases' (expected the output of bench_moe.py --json)"
+        )
+
+    def rate(mode: str) -> tuple[float, dict]:
+        cs = [c for c in cases if c["mode"] == mode and c["ms_median"] > 0]
+        if not cs:
+            raise ValueError(f"benchmark JSON has no {mode!r} case")
+        c = max(cs, key=lambda c: (-abs(c["width"] - (dim or c["width"])), c["tokens"]))
+        f = c["tokens"] * flops_per_token(mode, c["width"], c["experts"])
+        return f / (c["ms_median"] * 1e-3), c
+
+    dense, cd = rate("dense")
+    moe, cm = rate("diffmoe")
+    src = f"{bench.get('device', '?')}: dense D={cd['width']} N={cd['tokens']}, "
+    src += f"diffmoe D={cm['width']} E={cm['experts']} N={cm['tokens']}"
+    return Rates(dense, moe, src)
+
+
+def _split_time(nbytes: float, group: int, gpus_per_node: int, links: Links) -> float:
+    """Seconds to send ``nbytes`` spread evenly over the other ``group - 1`` ranks of a consecutive
+    group: destinations in the same node at NVLink speed, the rest at InfiniBand speed."""
+    if group <= 1 or nbytes == 0:
+        return 0.0
+    in_node = min(group, gpus_per_node) - 1
+    intra = nbytes * in_node / (group - 1)
+    return intra / (links.nvlink_gbps * 1e9) + (nbytes - intra) / (links.ib_gbps * 1e9)
+
+
+def _allreduce_time(nbytes: float, n: int, spans_nodes: bool, links: Links) -> float:
+    if n <= 1:
+        return 0.0
+    bw = links.ib_gbps if spans_nodes else links.nvlink_gbps
+    return 2 * (n - 1) / n * nbytes / (bw * 1e9) + links.latency_us * 1e-6
+
+
+def plan(
+    model: str,
+    nodes: int,
+    gpus_per_node: int,
+    ep: int,
+    global_batch: int = 256,
+    pool_samples: int = 64,
+    links: Links | None = None,
+    rates: Rates | None = None,
+    elem_bytes: int = 2,
+) -> Plan:
+    """Predict one training step of ``model`` on this layout (ValueError naming the numbers)."""
+    if model not in MODELS:
+        raise ValueError(f"model {model!r}; known: {', '.join(MODELS)}")
+    links, rates = links or Links(), rates or Rates()
+    depth, D, heads, E = MODELS[model]
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: must be >= 1")
+    W = nodes * gpus_per_node
+    if ep < 1 or E % ep or W % ep:
+        raise ValueError(f"ep={ep} must divide num_experts={E} and world size {W}")
+    if global_batch % W:
+        raise ValueError(f"global_batch={global_batch} is not divisible by world size {W}")
+    b = global_batch // W
+    if pool_samples % b == 0:
+        span = pool_samples // b
+        if ep % span:
+            raise ValueError(
+                f"pool of {pool_samples} samples spans {span} ranks (micro-batch {b}); "
+                f"the span must divide ep={ep}"
+            )
+    elif b % pool_samples == 0:
+        span = 1
+    else:
+        raise ValueError(f"pool_samples={pool_samples} and micro-batch {b} do not tile")
+    T, N = TOKENS_PER_IMAGE, b * TOKENS_PER_IMAGE
+    n_moe = depth // 2
+    # compute
+    common = 3 * (8 * D * D + 4 * T * D + 12 * D * D / T)
+    dense_flops = N * (depth * common + (depth - n_moe) * flops_per_token("dense", D, E))
+    moe_flops = N * n_moe * flops_per_token("diffmoe", D, E)
+    compute_s = dense_flops / rates.dense_flops + moe_flops / rates.moe_flops
+    # all-to-all (per MoE layer) and score gathers
+    by = moe_layer_bytes(N, D, E, ep, span, elem_bytes=elem_bytes)
+    n_coll = (5 if ep > 1 else 0) + (2 if span > 1 else 0)  # 4 token a2a + counts, 2 gathers
+    per_layer = _split_time(by["tokens"] + by["counts"], ep, gpus_per_node, links)
+    per_layer += _split_time(by["scores"], span, gpus_per_node, links)
+    per_layer += n_coll * links.latency_us * 1e-6
+    a2a_s = n_moe * per_layer
+    # gradient sync (fp32 grads): dense over the world, experts over the edp group
+    pc = param_counts(depth, D, E)
+    edp = W // ep
+    grad_s = _allreduce_time(4 * pc["dense"], W, nodes > 1, links)
+    edp_spans_nodes = nodes > 1 and edp > max(1, gpus_per_node // ep)
+    grad_s += _allreduce_time(4 * pc["expert"] / ep, edp, edp_spans_nodes, links)
+    # memory
+    params_gpu = pc["dense"] + pc["expert"] / ep
+    act = N * depth * D * (34 + 5 * heads * T / D)
+    memory = params_gpu * BYTES_PER_PARAM + act
+    step_s = compute_s + a2a_s + grad_s
+    notes = []
+    if ep > gpus_per_node:
+        notes.append(f"ep={ep} > {gpus_per_node} GPUs per node: all-to-all crosses InfiniBand")
+    return Plan(
+        model=model,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        ep=ep,
+        micro_batch=b,
+        pool_span=span,
+        compute_ms=compute_s * 1e3,
+        a2a_ms=a2a_s * 1e3,
+        grad_sync_ms=grad_s * 1e3,
+        step_ms=step_s * 1e3,
+        a2a_share=a2a_s / step_s,
+        a2a_bytes_per_layer=by,
+        params_per_gpu=params_gpu,
+        memory_gb=memory / 1e9,
+        notes=notes,
+    )
+
+
+def recommend(plans: list[Plan], memory_limit_gb: float = 80.0) -> Plan:
+    """The fastest plan that fits in memory (ValueError when none does)."""
+    fits = [p for p in plans if p.memory_gb <= memory_limit_gb]
+    if not fits:
+        best = min(plans, key=lambda p: p.memory_gb)
+        raise ValueError(
+            f"no layout fits {memory_limit_gb} GB per GPU (smallest: ep={best.ep}, "
+            f"{best.memory_gb:.1f} GB)"
+        )
+    return min(fits, key=lambda p: (p.step_ms, p.ep))

@@ -1,0 +1,239 @@
+"""The benchmark's references and the planner's arithmetic (no timing is asserted here).
+
+- LoopBufferMoE (the public-code-style layer) equals MoELayer: outputs, input gradients, auxiliary
+  losses, fp32, atol 1e-5 (same math, summed in another order).
+- FLOP floor and parameter counts against hand computation and the DESIGN.md table.
+- The planner's per-layer bytes against what a real 2-rank gloo run logs (a2a_bytes_summary).
+- The JSON shape of bench_moe.py and plan_cluster.py, and bad input -> clear errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+from dist_utils import run_distributed  # noqa: E402
+
+from diffmoe_dist.bench.moe_bench import (  # noqa: E402
+    LoopBufferMoE,
+    bench_shape,
+    flop_floor,
+    validate_result,
+)
+from diffmoe_dist.bench.planner import (  # noqa: E402
+    Links,
+    calibrate,
+    moe_layer_bytes,
+    param_counts,
+    plan,
+    recommend,
+)
+from diffmoe_dist.models.moe import MoELayer  # noqa: E402
+
+D, E, T = 16, 4, 256
+
+
+@pytest.mark.parametrize(
+    "mode,batch,pool", [("diffmoe", 2, 2), ("diffmoe", 4, 2), ("tc", 4, 2), ("ec", 2, 2)]
+)
+def test_loop_buffer_equals_layer(mode: str, batch: int, pool: int) -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(D, 4 * D, E, mode=mode, pool_samples=pool)
+    with torch.no_grad():  # nonzero biases so a mis-copied bias shows
+        for p in (layer.experts.b1, layer.experts.b2):
+            p.normal_()
+    ref = LoopBufferMoE(layer)
+    x = torch.randn(batch, T, D)
+    g = torch.randn(batch, T, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = layer(x1)
+    aux1 = sum(t for t in (layer.stats.cp_loss, layer.stats.balance_loss) if t is not None)
+    y2, aux2 = ref(x2)
+    ((y1 * g).sum() + aux1).backward()
+    ((y2 * g).sum() + aux2).backward()
+    assert layer.stats.route_mask.any(0).all()  # every expert got tokens: the test exercises all
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    assert float(aux2.detach()) == pytest.approx(
+        float(torch.as_tensor(aux1).detach()), rel=1e-5, abs=1e-6
+    )
+    torch.testing.assert_close(ref.gate_weight.grad, layer.router.weight.grad, atol=1e-5, rtol=1e-4)
+    w1 = torch.stack([f.fc1.weight.grad.t() for f in ref.experts])
+    torch.testing.assert_close(w1, layer.experts.w1.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_loop_buffer_rejects_dense() -> None:
+    with pytest.raises(ValueError, match="MoE mode"):
+        LoopBufferMoE(MoELayer(D, 4 * D, E, mode="dense"))
+
+
+def test_flop_floor_hand_computed() -> None:
+    # diffmoe at D=384, E=16: (48 D^2 + 4 D^2 + 12 DE) / 48 D^2 = 1 + 1/12 + 16/1536
+    assert flop_floor("diffmoe", 384, 16) == pytest.approx(1 + 1 / 12 + 16 / 1536)
+    assert flop_floor("diffmoe", 384, 16) == pytest.approx(1.09375)
+    assert flop_floor("tc", 768, 8) == pytest.approx(1 + 8 / (8 * 768))  # router 6 DE / 48 D^2
+    assert flop_floor("ec", 384, 16, capacity=2.0) == pytest.approx(2 + 16 / (8 * 384))
+    assert flop_floor("dense", 384, 16) == 1.0
+    with pytest.raises(ValueError, match="mode"):
+        flop_floor("moe", 384, 16)
+
+
+def test_bench_shape_json_schema() -> None:
+    cases = bench_shape(32, 4, 512, repeats=2, modes=("diffmoe", "ec"))
+    result = {"device": "cpu", "cases": cases}
+    validate_result(result)
+    assert [c["mode"] for c in cases] == ["dense", "diffmoe", "ec"]
+    assert all(c["peak_mem_mb"] > 0 for c in cases)
+    assert cases[0]["ratio_vs_dense"] == 1.0
+    bad = {"device": "cpu", "cases": [dict(cases[1], speedup=1.0)]}
+    with pytest.raises(ValueError, match="unknown keys"):
+        validate_result(bad)
+    with pytest.raises(ValueError, match="missing keys"):
+        validate_result({"device": "cpu", "cases": [{"mode": "dense"}]})
+
+
+def test_bench_cli_json_and_bad_input(tmp_path) -> None:
+    import bench_moe
+    import plan_cluster
+
+    buf = io.StringIO()
+    argv = ["--json", "--widths", "32", "--experts", "4", "--tokens", "256", "--repeats", "1"]
+    with contextlib.redirect_stdout(buf):
+        bench_moe.main(argv + ["--modes", "diffmoe"])
+    result = json.loads(buf.getvalue())
+    validate_result(result)
+    with pytest.raises(SystemExit, match="multiples of 256"):
+        bench_moe.main(["--tokens", "300"])
+    with pytest.raises(SystemExit, match="positive"):
+        bench_moe.main(["--widths", "0"])
+    # the planner takes the benchmark JSON as its compute calibration
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(result))
+    rates = calibrate(result)
+    assert rates.dense_flops > 0 and rates.moe_flops > 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = plan_cluster.main(["--json", "--bench", str(path), "--nodes", "1", "--ep", "8"])
+    assert out["plans"] and out["recommended"] == {"DiffMoE-L-E16@1": 8, "DiffMoE-XL-E16@1": 8}
+    with pytest.raises(SystemExit, match="ib_gbps=0"):
+        plan_cluster.main(["--ib-gbps", "0"])
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_param_counts_match_design_table_and_model() -> None:
+    # DESIGN.md: S-E16 140.3M, B-E16 559.2M, L-E8 1176.0M, L-E16 1982.0M, XL-E16 about 2925M
+    for (depth, dim, e), total in [
+        ((12, 384, 16), 140.3e6),
+        ((12, 768, 16), 559.2e6),
+        ((24, 1024, 8), 1176.0e6),
+        ((24, 1024, 16), 1982.0e6),
+        ((28, 1152, 16), 2925e6),
+    ]:
+        pc = param_counts(depth, dim, e)
+        assert abs(pc["dense"] + pc["expert"] - total) < 0.06e6, (depth, dim, e)
+    # and exactly what the model holds (built on the meta device: no memory)
+    from diffmoe_dist.config import from_dict
+    from diffmoe_dist.models.dit import DiffMoE
+    from diffmoe_dist.models.params import count_params
+    from diffmoe_dist.models.registry import apply_preset
+
+    cfg = from_dict({})
+    apply_preset(cfg, "DiffMoE-S-E16")
+    with torch.device("meta"):
+        model = DiffMoE(cfg.model, cfg.moe)
+    pc = param_counts(12, 384, 16)
+    assert pc["dense"] + pc["expert"] == count_params(model)["total"]
+
+
+def test_moe_layer_bytes_hand_computed() -> None:
+    by = moe_layer_bytes(tokens=2048, dim=1024, num_experts=16, ep=8, pool_span=4, elem_bytes=2)
+    assert by["tokens"] == 4 * 2048 * 1024 * 2 * 7 / 8
+    assert by["scores"] == 2 * 2048 * 16 * 4 * 3
+    assert by["counts"] == 2 * 8 * 7
+    assert moe_layer_bytes(2048, 1024, 16, ep=1)["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ib_gbps": 0.0}, "ib_gbps=0.0"),
+        ({"nvlink_gbps": -5.0}, "nvlink_gbps=-5.0"),
+        ({"ib_gbps": float("nan")}, "ib_gbps=nan"),
+    ],
+)
+def test_links_reject_bad_bandwidth(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Links(**kwargs)
+
+
+def test_plan_bad_layouts_and_recommendation() -> None:
+    with pytest.raises(ValueError, match="ep=3 must divide num_experts=16"):
+        plan("DiffMoE-L-E16", 1, 8, ep=3)
+    with pytest.raises(ValueError, match="span must divide ep=2"):
+        plan("DiffMoE-L-E16", 4, 8, ep=2)  # micro-batch 8, pool 64 -> spans 8 ranks
+    with pytest.raises(ValueError, match="unknown|known"):
+        plan("DiffMoE-Q", 1, 8, ep=8)
+    with pytest.raises(ValueError, match="moe_layer|ep=3|divide"):
+        moe_layer_bytes(256, 64, 16, ep=3)
+    p = plan("DiffMoE-L-E16", 1, 8, ep=8)
+    assert p.pool_span == 2 and p.micro_batch == 32
+    assert p.step_ms == pytest.approx(p.compute_ms + p.a2a_ms + p.grad_sync_ms)
+    # ep inside a node vs across nodes at equal bytes: crossing InfiniBand costs more
+    slow = plan("DiffMoE-L-E16", 2, 4, ep=8, links=Links(ib_gbps=10.0))
+    fast = plan("DiffMoE-L-E16", 1, 8, ep=8, links=Links(ib_gbps=10.0))
+    assert slow.a2a_ms > fast.a2a_ms
+    assert recommend([slow, fast]).nodes == 1
+    with pytest.raises(ValueError, match="no layout fits"):
+        recommend([slow, fast], memory_limit_gb=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+def _bytes_worker(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    from diffmoe_dist.config import from_dict
+    from diffmoe_dist.parallel.dispatch import a2a_bytes_summary
+    from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_moe_layer
+
+    out = []
+    for c in cases:
+        b, pool = c["b"], c["pool"]
+        cfg = from_dict(
+            {
+                "model": {"hidden_size": 32, "num_heads": 2, "depth": 2, "input_size": 8},
+                "moe": {"mode": "diffmoe", "num_experts": 4, "pool_samples": pool},
+                "train": {"global_batch_size": world * b},
+                "parallel": {"ep": 2, "timeout_s": 60},
+            }
+        )
+        ps = build_parallel_state(cfg, world, rank)
+        torch.manual_seed(0)
+        layer = parallelize_moe_layer(MoELayer(16, 64, 4, pool_samples=pool, layer_id=1), ps)
+        x = torch.randn(b, 8, 16, generator=torch.Generator().manual_seed(rank + 1))
+        y = layer(x.requires_grad_())
+        (y.square().sum() + layer.stats.cp_loss).backward()
+        s = a2a_bytes_summary(layer)
+        out.append({"sent": s["sent_bytes"], "total": s["total"], "tokens": b * 8})
+    return out
+
+
+def test_bytes_match_gloo_run() -> None:
+    """Planner bytes == bytes a real ep=2 run logs. Pools within a rank: every expert takes exactly
+    k tokens of each rank's pool, so (ep-1)/ep of the pairs leave the rank and the formula is exact.
+    A pool spanning both ranks: score/probability gathers are exact, token bytes depend on routing."""
+    cases = [{"b": 2, "pool": 1}, {"b": 2, "pool": 4}]
+    results = run_distributed(_bytes_worker, 2, args=(cases,))
+    for rank_res in results:
+        within, spanning = rank_res
+        pred = moe_layer_bytes(within["tokens"], 16, 4, ep=2, pool_span=1, elem_bytes=4)
+        assert within["sent"] == pred["total"], (within, pred)
+        pred = moe_layer_bytes(spanning["tokens"], 16, 4, ep=2, pool_span=2, elem_bytes=4)
+        t = spanning["total"]
+        assert t["scores_sent"] == pred["scores"] and t["counts_sent"] == pred["counts"], (t, pred)
+        assert 0 < t["tokens_sent"] + t["tokens_bwd_sent"] <= 2 * pred["tokens"]

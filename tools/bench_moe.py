@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Forward+backward time of one MoE layer per routing mode vs a dense FFN and two slow references.
+
+    python tools/bench_moe.py                      # table, widths 384,768, E8/E16, 2048..16384 tokens
+    python tools/bench_moe.py --quick --json       # width 384, E16, 2048 and 8192 tokens, 3 repeats
+    python tools/bench_moe.py --device cuda --dtype bf16 --json > bench.json   # adds tflops, mfu
+
+What is measured and how: diffmoe_dist/bench/moe_bench.py (module docstring) and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from diffmoe_dist.bench.moe_bench import MOE_MODES, bench_shape, validate_result  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name} {text!r}: expected comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"--{name} {text!r}: expected positive integers")
+    return vals
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print the JSON result only")
+    ap.add_argument(
+        "--quick", action="store_true", help="width 384, E16, 2048,8192 tokens, 3 repeats"
+    )
+    ap.add_argument("--widths", default="384,768")
+    ap.add_argument("--experts", default="8,16")
+    ap.add_argument("--tokens", default="2048,8192,16384", help="pool sizes (256 tokens per image)")
+    ap.add_argument("--modes", default=",".join(MOE_MODES))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.widths, args.experts, args.tokens, args.repeats = "384", "16", "2048,8192", 3
+    widths, experts = _ints(args.widths, "widths"), _ints(args.experts, "experts")
+    tokens = _ints(args.tokens, "tokens")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if bad := [m for m in modes if m not in MOE_MODES]:
+        raise SystemExit(f"--modes: unknown {bad}; expected a subset of {MOE_MODES}")
+    if bad := [n for n in tokens if n % 256]:
+        raise SystemExit(f"--tokens {bad}: must be multiples of 256 (tokens per image)")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    cases: list[dict] = []
+    for d in widths:
+        for e in experts:
+            for n in tokens:
+                cases += bench_shape(
+                    d, e, n, args.device, DTYPES[args.dtype], args.repeats, modes, device_name=name
+                )
+                if not args.json:
+                    print(f"  done D={d} E={e} N={n}", file=sys.stderr, flush=True)
+    result = {"device": f"{name}, {args.dtype}", "cases": cases}
+    validate_result(result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return result
+
+
+def print_table(result: dict) -> None:
+    gpu = any("tflops" in c for c in result["cases"])
+    head = f"{'mode':8} {'D':>4} {'E':>3} {'tokens':>6} {'ms':>9} {'iqr':>7} {'MB':>8} "
+    head += f"{'x dense':>7} {'floor':>6} {'vs loop':>7} {'vs l+buf':>8}"
+    head += f" {'TFLOP/s':>8} {'MFU':>6}" if gpu else ""
+    print(f"device: {result['device']}\n{head}")
+    for c in result["cases"]:
+
+        def f(v, w, p=2):
+            return f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+        row = f"{c['mode']:8} {c['width']:>4} {c['experts']:>3} {c['tokens']:>6} "
+        row += f"{f(c['ms_median'], 9, 1)} {f(c['ms_spread'], 7, 1)} {f(c['peak_mem_mb'], 8, 1)} "
+        row += f"{f(c['ratio_vs_dense'], 7)} {f(c.get('flop_floor'), 6, 3)} "
+        row += f"{f(c.get('speedup_vs_loop'), 7)} {f(c['speedup_vs_loop_buffer'], 8)}"
+        if gpu:
+            row += f" {f(c.get('tflops'), 8, 1)} {f(c.get('mfu'), 6, 3)}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Predict step time, all-to-all share and memory per GPU of DiffMoE-L/XL layouts; recommend one.
+
+    python tools/plan_cluster.py                                   # L-E16 and XL-E16, 1..8 nodes
+    python tools/plan_cluster.py --bench bench.json --nodes 4,8 --ib-gbps 25 --json
+    python tools/plan_cluster.py --models DiffMoE-L-E8 --ep 2,4,8 --global-batch 1024
+
+The model (FLOP counts, byte counts, link and memory assumptions) is in diffmoe_dist/bench/planner.py.
+Without --bench the compute rate is 40% of an H100's bf16 peak; with --bench it is what
+tools/bench_moe.py --json measured (calibrate on the target GPU, not on a CPU, for real predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from diffmoe_dist.bench.planner import MODELS, Links, Rates, calibrate, plan, recommend  # noqa: E402
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--{name} {text!r}: expected comma-separated integers") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="DiffMoE-L-E16,DiffMoE-XL-E16", help=", ".join(MODELS))
+    ap.add_argument("--nodes", default="1,2,4,8")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--ep", default="1,2,4,8,16", help="expert-parallel degrees to consider")
+    ap.add_argument("--global-batch", type=int, default=256)
+    ap.add_argument("--pool-samples", type=int, default=64)
+    ap.add_argument("--nvlink-gbps", type=float, default=Links.nvlink_gbps)
+    ap.add_argument("--ib-gbps", type=float, default=Links.ib_gbps)
+    ap.add_argument("--latency-us", type=float, default=Links.latency_us)
+    ap.add_argument("--memory-gb", type=float, default=80.0, help="GPU memory limit")
+    ap.add_argument("--bench", help="bench_moe.py --json output to calibrate compute rates")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        links = Links(args.nvlink_gbps, args.ib_gbps, args.latency_us)
+        rates = Rates()
+        if args.bench:
+            with open(args.bench) as f:
+                rates = calibrate(json.load(f))
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"plan_cluster: {e}") from None
+    models = [m for m in args.models.split(",") if m]
+    if bad := [m for m in models if m not in MODELS]:
+        raise SystemExit(f"--models: unknown {bad}; known: {', '.join(MODELS)}")
+    out: dict = {
+        "rates": dataclasses.asdict(rates),
+        "links": dataclasses.asdict(links),
+        "plans": [],
+    }
+    out["skipped"], out["recommended"] = [], {}
+    for model in models:
+        for nodes in _ints(args.nodes, "nodes"):
+            plans = []
+            for ep in _ints(args.ep, "ep"):
+                try:
+                    plans.append(
+                        plan(
+                            model,
+                            nodes,
+                            args.gpus_per_node,
+                            ep,
+                            args.global_batch,
+                            args.pool_samples,
+                            links,
+                            rates,
+                        )
+                    )
+                except ValueError as e:
+                    out["skipped"].append(f"{model} nodes={nodes} ep={ep}: {e}")
+            out["plans"] += [dataclasses.asdict(p) for p in plans]
+            if plans:
+                try:
+                    best = recommend(plans, args.memory_gb)
+                    out["recommended"][f"{model}@{nodes}"] = best.ep
+                except ValueError as e:
+                    out["skipped"].append(f"{model} nodes={nodes}: {e}")
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print_table(out)
+    return out
+
+
+def print_table(out: dict) -> None:
+    print(f"compute rates: {out['rates']['source']}; links: {out['links']}")
+    print(
+        f"{'model':15} {'nodes':>5} {'ep':>3} {'micro':>5} {'span':>4} {'compute':>8} {'a2a':>7} "
+        f"{'gradsync':>8} {'step ms':>8} {'a2a %':>6} {'mem GB':>6}"
+    )
+    for p in out["plans"]:
+        mark = (
+            " <- recommended"
+            if out["recommended"].get(f"{p['model']}@{p['nodes']}") == p["ep"]
+            else ""
+        )
+        print(
+            f"{p['model']:15} {p['nodes']:>5} {p['ep']:>3} {p['micro_batch']:>5} {p['pool_span']:>4} "
+            f"{p['compute_ms']:>8.1f} {p['a2a_ms']:>7.2f} {p['grad_sync_ms']:>8.1f} "
+            f"{p['step_ms']:>8.1f} {100 * p['a2a_share']:>6.1f} {p['memory_gb']:>6.1f}{mark}"
+        )
+    for s in out["skipped"]:
+        print(f"skipped: {s}")
+
+
+if __name__ == "__main__":
+    main()

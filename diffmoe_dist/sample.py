@@ -8,13 +8,21 @@ sharded as in training; writes a labelled PNG grid, optionally an ``.npz`` (uint
 The inference rule comes from ``moe.infer_mode`` (static | dynamic | gamma | independent), with
 ``moe.infer_capacity`` (static) and ``moe.gamma`` (gamma). Pools at inference are pool_samples
 samples of a rank's batch when they tile it, else the whole batch (see models/moe.py).
+
+Latent models (data.name=latents) are decoded with a local VAE: ``--vae DIR``. Each finished batch is
+saved under ``<out>/parts`` (atomically); rerunning the same command samples only the missing
+indices (``parts/run.json`` refuses a rerun with other settings) and C_infer covers the whole run.
+Note: with the paper's pool rule a sample depends on its batch-mates, so a resumed run is a valid
+sample of the same model but not bit-identical to an uninterrupted one (``independent`` is).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,19 +160,24 @@ def generate(
     model: DiffMoE,
     cfg: Config,
     labels: torch.Tensor,
-    seed_offset: int,
+    seed_offset: int | torch.Tensor,
     device: torch.device,
     meter: CapacityMeter,
 ) -> torch.Tensor:
-    """Sample one batch: noise from (sample.seed, global sample index), so results do not depend on ranks."""
+    """Sample one batch: noise from (sample.seed, global sample index), so results do not depend on ranks.
+
+    ``seed_offset``: the global index of the first sample (indices consecutive), or all indices [B].
+    """
     m, s = cfg.model, cfg.sample
     shape = (m.in_channels, m.input_size, m.input_size)
+    if isinstance(seed_offset, torch.Tensor):
+        offsets = [int(v) for v in seed_offset.tolist()]
+    else:
+        offsets = [seed_offset + i for i in range(len(labels))]
     z0 = torch.stack(
         [
-            torch.randn(
-                shape, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + seed_offset + i)
-            )
-            for i in range(len(labels))
+            torch.randn(shape, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + o))
+            for o in offsets
         ]
     ).to(device)
 
@@ -178,7 +191,7 @@ def generate(
     )
     kw: dict[str, Any] = {} if s.sampler == "dopri5" else {"num_steps": s.num_steps}
     if s.sampler == "sde":
-        kw["generator"] = torch.Generator(device=device).manual_seed(s.seed + seed_offset)
+        kw["generator"] = torch.Generator(device=device).manual_seed(s.seed + offsets[0])
     return run_sampler(s.sampler, vfn, z0, **kw).x
 
 
@@ -193,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (default: <run-dir>/samples)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, arr_0)")
     p.add_argument("--labels", help="comma-separated class labels to cycle through")
+    p.add_argument(
+        "--vae", help="local diffusers AutoencoderKL directory (needed for data.name=latents)"
+    )
+    p.add_argument(
+        "--keep-parts",
+        action="store_true",
+        help="keep <out>/parts (per-batch files) after finishing",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
@@ -213,20 +234,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_from_checkpoint(
-    cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any
+    cfg: Config,
+    ckpt: Path,
+    labels: torch.Tensor,
+    info: Any,
+    vae_dir: str | None = None,
+    parts_dir: Path | None = None,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """All ranks take part; rank 0 gets (uint8 NHWC images [N, H, W, C], report), others (None, report)."""
+    """All ranks take part; rank 0 gets (uint8 NHWC images [N, H, W, C], report), others (None, report).
+
+    data.name=latents decodes with the VAE in ``vae_dir`` (on every rank, batch by batch). With
+    ``parts_dir`` (a directory every rank can reach) each batch is saved there as it finishes
+    (images, labels, its C_infer counts) and a rerun samples only the indices not yet on disk;
+    C_infer is then summed over all parts, i.e. over the whole run.
+    """
     W, rank = info.world_size, info.rank
-    if cfg.data.name != "digits":
+    if cfg.data.name == "latents" and not vae_dir:
         raise ValueError(
-            "decoding latents needs a VAE; this sampler writes images for pixel-space data "
-            "(data.name=digits) only"
+            "data.name=latents: decoding the samples needs a VAE; pass --vae DIR (a local diffusers "
+            "AutoencoderKL directory, e.g. sd-vae-ft-mse saved with save_pretrained)"
         )
     if cfg.sample.sampler == "dopri5" and cfg.parallel.ep > 1:
         raise ValueError(
             "sample.sampler=dopri5 takes a different number of steps per rank, which cannot "
             "drive the expert all-to-all (parallel.ep > 1); use euler, heun or sde"
         )
+    vae = None
+    if cfg.data.name == "latents":
+        from diffmoe_dist.vae import decode, load_vae
+
+        vae = load_vae(vae_dir, info.device)  # before the model: a bad path fails fast
     ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
     model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
     ema = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
@@ -235,26 +272,54 @@ def sample_from_checkpoint(
     if cfg.moe.mode != "dense":
         net.set_inference(cfg.moe.infer_mode, cfg.moe.infer_capacity, cfg.moe.gamma)
     n, bs = cfg.sample.num_samples, cfg.sample.batch_size
-    per_rank = math.ceil(n / W)
+    done: set[int] = set()
+    if parts_dir is not None:
+        done = _parts_prepare(parts_dir, _run_fingerprint(cfg, ckpt, labels), n, rank)
+    if ps.world_group is not None:
+        dist.barrier(group=ps.world_group)  # every rank has listed the parts before any is written
+    todo = torch.tensor(sorted(set(range(n)) - done), dtype=torch.long)
+    per_rank = math.ceil(len(todo) / W)
     # Every rank runs the same number of equally sized batches (the dispatcher's collectives need it);
-    # the padding samples are dropped at the end.
-    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    # padding positions repeat the last index and are dropped.
+    pos = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    valid_pos = pos < len(todo)
+    mine = todo[pos.clamp(max=max(len(todo) - 1, 0))] if len(todo) else pos
     meter = CapacityMeter(cfg.model.num_classes, W, rank, info.device)
+    scale = _latent_scale(cfg)
     outs = []
     for start in range(0, per_rank, bs):
-        idx = mine[start : start + bs]
-        lab = labels[idx.clamp(max=n - 1)]
-        meter.valid = idx < n  # padding samples stay out of the telemetry
-        outs.append(generate(net, cfg, lab, int(idx[0]), info.device, meter).float().cpu())
-    local = torch.cat(outs)
+        idx, valid = mine[start : start + bs], valid_pos[start : start + bs]
+        meter.valid = valid  # padding samples stay out of the telemetry
+        before = (list(meter.pairs), list(meter.tokens))
+        x = generate(net, cfg, labels[idx], idx, info.device, meter).float()
+        images = to_uint8(decode(vae, x, scale) if vae is not None else x)
+        if parts_dir is None:
+            outs.append(torch.from_numpy(images))
+        elif bool(valid.any()):
+            pairs = [a - b for a, b in zip(meter.pairs, before[0] or [0] * len(meter.pairs))]
+            tokens = [a - b for a, b in zip(meter.tokens, before[1] or [0] * len(meter.tokens))]
+            keep = valid.numpy()
+            _write_part(
+                parts_dir, rank, idx[valid], images[keep], labels[idx[valid]], pairs, tokens
+            )
     meter.reduce(ps.world_group)
-    if ps.world_group is not None:
-        gathered = [torch.empty_like(local) for _ in range(W)]
-        dist.all_gather(gathered, local, group=ps.world_group)
-        local = torch.cat(gathered)
+    result = None
+    if parts_dir is not None:
+        if ps.world_group is not None:
+            dist.barrier(group=ps.world_group)  # all parts are on disk
+        if rank == 0:
+            result, meter.pairs, meter.tokens = _read_parts(parts_dir, n)
+    else:
+        local = torch.cat(outs)
+        if ps.world_group is not None:
+            gathered = [torch.empty_like(local) for _ in range(W)]
+            dist.all_gather(gathered, local, group=ps.world_group)
+            local = torch.cat(gathered)
+        result = local[:n].numpy() if rank == 0 else None
     report = {
         "checkpoint": str(ckpt),
         "num_samples": n,
+        "resumed_samples": len(done),  # found on disk; C_infer covers them too (telemetry does not)
         "sampler": cfg.sample.sampler,
         "num_steps": cfg.sample.num_steps,
         "cfg_scale": cfg.sample.cfg_scale,
@@ -262,15 +327,116 @@ def sample_from_checkpoint(
         "use_ema": cfg.sample.use_ema,
         **meter.summary(),
     }
-    return (to_uint8(local[:n]) if rank == 0 else None), report
+    return result, report
+
+
+def _latent_scale(cfg: Config) -> float:
+    """The latents' scale factor: the dataset manifest's when it is readable here, else SD's 0.18215."""
+    from diffmoe_dist.data.latents import SD_VAE_SCALE_FACTOR, read_manifest
+
+    if cfg.data.name == "latents" and cfg.data.path:
+        try:
+            return float(read_manifest(cfg.data.path)["scale_factor"])
+        except ValueError:
+            pass
+    return SD_VAE_SCALE_FACTOR
+
+
+def _run_fingerprint(cfg: Config, ckpt: Path, labels: torch.Tensor) -> dict[str, Any]:
+    """What the samples depend on: a rerun into the same parts directory must match it."""
+    s, m = cfg.sample, cfg.moe
+    return {
+        "checkpoint": str(ckpt.resolve()),
+        "num_samples": s.num_samples,
+        "labels_sha256": hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "sampler": s.sampler,
+        "num_steps": s.num_steps,
+        "cfg_scale": s.cfg_scale,
+        "cfg_pool": s.cfg_pool,
+        "seed": s.seed,
+        "use_ema": s.use_ema,
+        "infer": [m.infer_mode, m.infer_capacity, m.gamma],
+    }
+
+
+def _parts_prepare(parts_dir: Path, fingerprint: dict[str, Any], n: int, rank: int) -> set[int]:
+    """Check (rank 0: create) parts_dir/run.json; return the sample indices already on disk."""
+    run_file = parts_dir / "run.json"
+    if rank == 0:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            if diff:
+                raise ValueError(
+                    f"{run_file}: these samples were made with different {diff}; use another --out "
+                    f"or delete {parts_dir}"
+                )
+        else:
+            run_file.write_text(json.dumps(fingerprint, indent=1))
+    done: set[int] = set()
+    for f in sorted(parts_dir.glob("part-*.npz")):
+        with np.load(f) as d:
+            done.update(int(i) for i in d["indices"] if 0 <= int(i) < n)
+    return done
+
+
+def _write_part(
+    parts_dir: Path,
+    rank: int,
+    indices: torch.Tensor,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    pairs: list[int],
+    tokens: list[int],
+) -> None:
+    name = f"part-{int(indices[0]):08d}-r{rank:04d}.npz"
+    tmp = parts_dir / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            indices=indices.numpy(),
+            images=images,
+            labels=labels.numpy(),
+            pairs=np.asarray(pairs, np.int64),
+            tokens=np.asarray(tokens, np.int64),
+        )
+    tmp.replace(parts_dir / name)  # atomic: a part is complete or absent
+
+
+def _read_parts(parts_dir: Path, n: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """All samples [n, H, W, C] from the parts, and the C_infer counts summed over them."""
+    images: np.ndarray | None = None
+    have = np.zeros(n, dtype=bool)
+    pairs: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    for f in sorted(parts_dir.glob("part-*.npz")):
+        with np.load(f) as d:
+            idx, imgs = d["indices"], d["images"]
+            if images is None:
+                images = np.zeros((n, *imgs.shape[1:]), dtype=np.uint8)
+            if imgs.shape[1:] != images.shape[1:]:
+                raise ValueError(
+                    f"{f}: images {imgs.shape[1:]} differ from the others' {images.shape[1:]}"
+                )
+            images[idx], have[idx] = imgs, True
+            pairs = d["pairs"] if pairs is None else pairs + d["pairs"]
+            tokens = d["tokens"] if tokens is None else tokens + d["tokens"]
+    if images is None or not have.all():
+        missing = np.flatnonzero(~have)
+        raise ValueError(
+            f"{parts_dir}: {len(missing)} of {n} samples missing (first {missing[:5].tolist()})"
+        )
+    return images, [int(v) for v in pairs], [int(v) for v in tokens]  # type: ignore[union-attr]
 
 
 def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argparse.Namespace) -> int:
-    images, report = sample_from_checkpoint(cfg, ckpt, labels, info)
+    out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
+    parts = out / "parts"
+    images, report = sample_from_checkpoint(cfg, ckpt, labels, info, args.vae, parts)
     if images is None:
         return 0
     n = len(images)
-    out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
     save_grid(images[: min(n, 100)], labels[: min(n, 100)].numpy(), out / "grid.png")
     if args.npz:
@@ -278,6 +444,8 @@ def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argpars
         np.savez(tmp, arr_0=images, labels=labels.numpy())
         tmp.replace(out / "samples.npz")
     (out / "sample_report.json").write_text(json.dumps(report, indent=1))
+    if not args.keep_parts:
+        shutil.rmtree(parts)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_distributed
+from helpers_run import TINY, restored_signal_handlers
 
 import diffmoe_dist.checkpoint as ckpt_mod
 from diffmoe_dist.checkpoint import CheckpointManager, list_checkpoints
@@ -21,8 +23,6 @@ from diffmoe_dist.config import load_config
 from diffmoe_dist.models.moe import StackedExperts
 from diffmoe_dist.parallel.distributed import DistInfo
 from diffmoe_dist.trainer.trainer import Trainer
-from tests.dist_utils import run_distributed
-from tests.helpers_run import TINY, restored_signal_handlers
 
 CPU = torch.device("cpu")
 

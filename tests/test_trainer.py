@@ -19,12 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from diffmoe_dist.checkpoint import verify_checkpoint
-from diffmoe_dist.config import load_config
-from diffmoe_dist.train import main as train_main
-from tests.dist_utils import run_distributed
-from tests.helpers_run import (
+from dist_utils import run_distributed
+from helpers_run import (
     TINY,
     checkpoint_tensors,
     checkpoints,
@@ -39,6 +35,10 @@ from tests.helpers_run import (
     start_train,
     wait_for_step,
 )
+
+from diffmoe_dist.checkpoint import verify_checkpoint
+from diffmoe_dist.config import load_config
+from diffmoe_dist.train import main as train_main
 
 ABS_TOL = 1e-5
 STEPS = 12  # long enough that a signal sent after step 2 lands mid-run even on an idle machine

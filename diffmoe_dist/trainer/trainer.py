@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from diffmoe_dist.parallel.parallelize import (
     reduce_thresholds,
 )
 from diffmoe_dist.telemetry import ExpertTelemetry
+from diffmoe_dist.trainer import preemption
 from diffmoe_dist.trainer.ema import update_ema
 from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr
 from diffmoe_dist.transport.loss import flow_matching_mse
@@ -107,8 +107,7 @@ class Trainer:
         self._resume()
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
-        self._stop_requested = False
-        self._install_signal_handlers()
+        preemption.install()  # idempotent: train.py already installed it before the imports
 
     # ------------------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -147,16 +146,6 @@ class Trainer:
                 f"ep {old['ep']}; now world {self.world_size}, ep {self.ps.ep})",
                 flush=True,
             )
-
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            self._stop_requested = True
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. inside a test harness)
-                pass
 
     # ------------------------------------------------------------------------------------------------
     def local_batch(self, step: int) -> tuple[torch.Tensor, ...]:
@@ -250,7 +239,7 @@ class Trainer:
         return dict(zip(keys, (t / self.world_size).tolist()))
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.device)
         if self.ps.world_group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ps.world_group)
         return bool(flag.item() > 0)
@@ -323,7 +312,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
             if bar is not None:
                 bar.update(1)
-            if self._stop_agreed():
+            # A stop agreed on the last step is just the end of the run (no requeue needed).
+            if self.step < total and self._stop_agreed():
                 self.save()
                 if self.rank == 0:
                     (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))

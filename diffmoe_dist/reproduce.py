@@ -507,9 +507,13 @@ def versions() -> dict[str, str]:
 
 
 def generated_section(
-    spec: StudySpec, rows: list[Row], wall_s: float, png_name: str, cfg: Config
+    spec: StudySpec,
+    rows: list[Row],
+    wall_s: float,
+    png_name: str,
+    cfg: Config,
+    vers: dict[str, str],
 ) -> str:
-    vers = versions()
     parts = [
         BEGIN,
         "## Results (generated)",
@@ -577,6 +581,7 @@ def run_study(spec: StudySpec) -> list[Row]:
     acts = {params[v.key]["activated"] for v in vs}
     if len(acts) != 1:
         raise AssertionError(f"variants differ in activated params: {params}")
+    vers = versions()  # at the start: others may commit while the study runs
     t0 = time.perf_counter()
     todo = [(v, s) for s in range(spec.seeds) for v in vs]
     with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
@@ -585,7 +590,9 @@ def run_study(spec: StudySpec) -> list[Row]:
     rows = build_rows(results, vs, params)
     png = spec.out_dir / "reproduction.png"
     plot(rows, png)
-    write_doc(spec.out_dir / "reproduction.md", generated_section(spec, rows, wall, png.name, base))
+    write_doc(
+        spec.out_dir / "reproduction.md", generated_section(spec, rows, wall, png.name, base, vers)
+    )
     summary = {"rows": [r.__dict__ for r in rows], "wall_s": wall, "command": spec.command}
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     (spec.work_dir / "results.json").write_text(json.dumps(summary, indent=1))

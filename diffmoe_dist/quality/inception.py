@@ -37,8 +37,11 @@ WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 def _inception_module() -> Any:
     try:
         return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-    except ImportError as first:
-        sys.modules.pop("torch_fidelity", None)  # drop the half-imported package
+    # ImportError, or e.g. RuntimeError from a torchvision built for another torch
+    except Exception as first:
+        stale = [m for m in sys.modules if m.split(".")[0] == "torch_fidelity"]
+        for name in stale:
+            sys.modules.pop(name)  # drop the half-imported package
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(

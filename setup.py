@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "pillow",
     "torchdiffeq",
+    # AutoencoderKL for ImageNet latents (diffmoe_dist/vae.py); pulls no torch of its own.
+    "diffusers==0.42.1",
+    # FID's Inception (quality/inception.py) comes from torch-fidelity==0.4.0, which is NOT listed
+    # here: it requires torchvision, and PyPI's torchvision does not load beside every torch build.
+    # Install it with: pip install -c constraints.txt --no-deps torch-fidelity==0.4.0
     # DeepSpeed JIT-builds its CUDA ops on demand; DS_BUILD_OPS=0 keeps the install CPU-only.
     "deepspeed==0.19.8",
     "megatron-core==0.16.1",

@@ -154,7 +154,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         g = sorted((r["c_infer"], r[k]) for r in rows if r["infer_mode"] == "gamma")
         if g:
             ax.plot(*zip(*g), "-", color="gray", lw=0.8, zorder=0)
-        ax.set_xlabel("C_infer (processed token-expert pairs / (S x E))")
+        ax.set_xlabel("C_infer (token-expert pairs per token; static top-k = C)")
         ax.set_ylabel(f"{t} ({'lower' if low else 'higher'} is better)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)

@@ -83,6 +83,33 @@ def test_tiny_study_writes_table_and_plot(tmp_path: Path) -> None:
 
 
 def test_layout_errors_before_training(tmp_path: Path) -> None:
-    res = _run([*TINY, "--pool-samples", "48", "--out", str(tmp_path), "--work-dir", str(tmp_path)])
-    assert res.returncode == 2
-    assert "pool_samples=48" in res.stderr and not list(tmp_path.rglob("train.log"))
+    """A pool that does not divide the global batch is refused while planning (nothing trains)."""
+    from diffmoe_dist.reproduce import StudySpec, run_study
+
+    spec = StudySpec(
+        modes=("diffmoe",),
+        seeds=1,
+        pool_sweep=(48,),
+        overrides=("train.global_batch_size=64",),
+        work_dir=tmp_path / "runs",
+        out_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="pool_samples=48"):
+        run_study(spec)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_markers_keep_other_sections(tmp_path: Path) -> None:
+    from diffmoe_dist.reproduce import markers, write_doc
+
+    def section(tag: str, body: str) -> str:
+        begin, end = markers(tag)
+        return f"{begin}\n{body}\n{end}\n"
+
+    doc = tmp_path / "r.md"
+    write_doc(doc, section("", "MAIN v1"), "")
+    write_doc(doc, section("pool", "POOL v1"), "pool")
+    write_doc(doc, section("", "MAIN v2"), "")
+    text = doc.read_text()
+    assert "MAIN v2" in text and "MAIN v1" not in text and "POOL v1" in text
+    assert text.index("MAIN v2") < text.index("POOL v1")  # replaced in place, not appended

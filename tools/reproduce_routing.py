@@ -8,7 +8,8 @@ docs/reproduction.png. Hand-written text around the generated section of the .md
 
     python tools/reproduce_routing.py                                   # CPU preset, 3 seeds
     python tools/reproduce_routing.py --preset gpu --seeds 5
-    python tools/reproduce_routing.py --nproc 2 --ep 2 --pool-samples 16,64   # pools span ranks
+    python tools/reproduce_routing.py --nproc 2 --ep 2 --modes diffmoe --pool-samples 16,32 --tag pool
+      (pools of 64 span both ranks; the sweep gets its own section and reproduction_pool.png)
     python tools/reproduce_routing.py --seeds 1 --steps 50 --modes dense,diffmoe --out /tmp/r
 
 --pool-samples P1,P2 adds DiffMoE variants with those pool sizes (equal everything else); the
@@ -21,6 +22,7 @@ identical settings.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -34,6 +36,7 @@ from diffmoe_dist.reproduce import (  # noqa: E402
     PRESETS,
     StudySpec,
     parse_int_list,
+    png_name,
     run_study,
 )
 
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout-samples", type=int, default=512)
     p.add_argument("--out", type=Path, default=_ROOT / "docs", help="reproduction.md/.png go here")
     p.add_argument("--work-dir", type=Path, help="run directories (default: the preset's run.dir)")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="name of this study's section in reproduction.md (plot: reproduction_TAG.png), so "
+        "e.g. a pool sweep sits beside the main table",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
@@ -73,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = sys.argv[1:] if argv is None else argv
     if args.nproc < 1 or args.ep < 1:
         print("reproduce_routing: error: --nproc and --ep must be >= 1", file=sys.stderr)
+        return 2
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", args.tag):
+        print(
+            f"reproduce_routing: error: --tag {args.tag!r}: letters, digits, - and _ only",
+            file=sys.stderr,
+        )
         return 2
     config = args.config or PRESETS[args.preset]
     work_dir = args.work_dir or _ROOT / "runs" / f"reproduce_{args.preset}"
@@ -93,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=tuple(args.overrides),
             work_dir=work_dir.resolve(),
             out_dir=args.out.resolve(),
+            tag=args.tag,
             command=shlex.join(["python", "tools/reproduce_routing.py", *argv_used]),
         )
         rows = run_study(spec)
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.label:<40} fd {fd[0]:.3f}±{fd[1]:.3f}  acc {acc[0]:.3f}±{acc[1]:.3f}  "
             f"loss {loss[0]:.4f}±{loss[1]:.4f}  C_infer {r.stat('c_infer')[0]:.3f}"
         )
-    print(f"wrote {spec.out_dir / 'reproduction.md'} and {spec.out_dir / 'reproduction.png'}")
+    print(f"wrote {spec.out_dir / 'reproduction.md'} and {spec.out_dir / png_name(spec.tag)}")
     return 0
 
 

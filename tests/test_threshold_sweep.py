@@ -4,6 +4,7 @@ Markdown table and a PNG; a model without the predictor is refused."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -58,12 +59,23 @@ def test_sweep_table_and_plot(run_dir: Path, tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_sweep_refuses_bad_input(run_dir: Path, tmp_path: Path) -> None:
-    res = _sweep("--run-dir", str(run_dir), "--gammas", "0.5,1.5")
-    assert res.returncode == 2 and "thresholds are probabilities in (0, 1), got [1.5]" in res.stderr
+def _tool_main(argv: list[str]) -> int:
+    spec = importlib.util.spec_from_file_location("threshold_sweep", TOOL)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([*argv, *FAST])
+
+
+def test_sweep_refuses_bad_input(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process: every refusal happens before any process group or sampling work.
+    assert _tool_main(["--run-dir", str(run_dir), "--gammas", "0.5,1.5"]) == 2
+    assert "thresholds are probabilities in (0, 1), got [1.5]" in capsys.readouterr().err
     dense = tmp_path / "dense"
     run_train(dense, "train.steps=1", "moe.mode=dense").check()
-    res = _sweep("--run-dir", str(dense))
-    assert res.returncode == 2 and "needs moe.mode=diffmoe" in res.stderr
-    res = _sweep("--run-dir", str(run_dir), "--ref", str(tmp_path / "r.npz"))
-    assert res.returncode == 2 and "digits runs are scored by the digits judge" in res.stderr
+    assert _tool_main(["--run-dir", str(dense)]) == 2
+    assert "needs moe.mode=diffmoe" in capsys.readouterr().err
+    assert _tool_main(["--run-dir", str(run_dir), "--ref", str(tmp_path / "r.npz")]) == 2
+    assert "digits runs are scored by the digits judge" in capsys.readouterr().err

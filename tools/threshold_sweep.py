@@ -58,6 +58,7 @@ def parse_gammas(text: str) -> list[float]:
 
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """Every rank runs every setting; rank 0 returns the rows (others None)."""
+    gammas = parse_gammas(args.gammas)
     ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
     base = load_sampling_config(ckpt, args.set)
     if base.moe.mode != "diffmoe" or not base.moe.predictor:
@@ -80,7 +81,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     info = init_distributed(base.parallel.backend, base.parallel.timeout_s)
     judge: Any = None
     rows: list[dict[str, Any]] = []
-    for name, extra in settings(parse_gammas(args.gammas), args.static_capacity):
+    for name, extra in settings(gammas, args.static_capacity):
         cfg = load_sampling_config(ckpt, [*args.set, *extra])
         images, report = sample_from_checkpoint(cfg, ckpt, labels, info, args.vae)
         if images is None:

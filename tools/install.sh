@@ -126,6 +126,13 @@ else
   if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 
+# ---- 3b. torch-fidelity's InceptionV3 (FID) without its torchvision dependency: PyPI's torchvision
+#          does not import beside this torch, and the Inception module itself is pure torch.
+if ! "$PYTHON" -c 'from importlib.metadata import version; assert version("torch-fidelity") == "0.4.0"' 2>/dev/null; then
+  log "pip: torch-fidelity==0.4.0 --no-deps"
+  "$PYTHON" -m pip install -q -c constraints.txt --no-deps "torch-fidelity==0.4.0"
+fi
+
 # ---- 4. verify: the torch pin survived, and the package imports from this checkout
 "$PYTHON" -c "import torch; assert torch.__version__.startswith('$TORCH_PIN'), torch.__version__" \
   || die "torch is not $TORCH_PIN after install (something replaced it; see constraints.txt)"

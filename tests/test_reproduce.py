@@ -8,10 +8,9 @@ reuses the finished runs instead of training again).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(TOOL), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**_env(), "OMP_NUM_THREADS": "1"},
-    )
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The tool's main() in this process (its runs are subprocesses anyway): saves a startup."""
+    spec = importlib.util.spec_from_file_location("reproduce_routing_tool", TOOL)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rc = tool.main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -47,10 +41,13 @@ def _table_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.strip()]
 
 
-def test_tiny_study_writes_table_and_plot(tmp_path: Path) -> None:
+def test_tiny_study_writes_table_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training/eval subprocesses inherit it
     out, work = tmp_path / "docs", tmp_path / "runs"
-    res = _run([*TINY, "--out", str(out), "--work-dir", str(work)])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rc, stdout, stderr = _run([*TINY, "--out", str(out), "--work-dir", str(work)], capsys)
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
     md = (out / "reproduction.md").read_text()
     png = out / "reproduction.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
@@ -75,9 +72,9 @@ def test_tiny_study_writes_table_and_plot(tmp_path: Path) -> None:
 
     # Hand-written reading is kept; finished runs are reused, not retrained.
     (out / "reproduction.md").write_text("# Title\n\nMY READING\n\n" + md + "\nTAIL NOTE\n")
-    again = _run([*TINY, "--out", str(out), "--work-dir", str(work)])
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "[train]" not in again.stdout and again.stdout.count("[reuse]") == 2
+    rc, stdout, stderr = _run([*TINY, "--out", str(out), "--work-dir", str(work)], capsys)
+    assert rc == 0, stderr[-3000:]
+    assert "[train]" not in stdout and stdout.count("[reuse]") == 2
     md2 = (out / "reproduction.md").read_text()
     assert "MY READING" in md2 and "TAIL NOTE" in md2 and md2.count("## Results (generated)") == 1
 

@@ -19,7 +19,6 @@ How it stays consistent:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from diffmoe_dist.config import Config, config_hash_fields
+from diffmoe_dist.fsutil import atomic_write_json, fsync_dir, sha256_file
 from diffmoe_dist.models.moe import StackedExperts
 
 log = logging.getLogger(__name__)
@@ -111,31 +111,6 @@ def optimizer_state(
 # files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def list_checkpoints(ckpt_root: str | os.PathLike[str]) -> list[Path]:
     """Published checkpoint directories, newest first (by step)."""
     root = Path(ckpt_root)
@@ -168,7 +143,7 @@ def verify_checkpoint(path: Path, full: bool = True) -> str | None:
         size = f.stat().st_size
         if size != info["size"]:
             return f"{f} has {size} bytes, manifest says {info['size']} (truncated?)"
-        if full and _sha256(f) != info["sha256"]:
+        if full and sha256_file(f) != info["sha256"]:
             return f"{f} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -261,13 +236,13 @@ class CheckpointManager:
             for f in sorted(tmp.iterdir()):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-            _write_json_atomic(tmp / "manifest.json", {"files": files, "meta": meta})
-            _fsync_dir(tmp)
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            atomic_write_json(tmp / "manifest.json", {"files": files, "meta": meta})
+            fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             for old in list_checkpoints(self.root)[self.keep :]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()

@@ -38,11 +38,9 @@ from diffmoe_dist.data.latents import (
     MANIFEST_NAME,
     SD_VAE_SCALE_FACTOR,
     LatentShardDataset,
-    _atomic_write_bytes,
-    _fsync_dir,
-    _sha256_file,
     shard_name,
 )
+from diffmoe_dist.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".jpe")
 STATE_DIR = "extract_state"
@@ -155,7 +153,7 @@ def _shard_done(out: Path, sid: int) -> bool:
         rec = json.loads(rec_path.read_text())
     except json.JSONDecodeError:
         return False
-    return rec.get("bytes") == f.stat().st_size and rec.get("sha256") == _sha256_file(f)
+    return rec.get("bytes") == f.stat().st_size and rec.get("sha256") == sha256_file(f)
 
 
 def encode_shard(
@@ -189,10 +187,10 @@ def encode_shard(
     )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    rec = {"file": name, "count": hi - lo, "sha256": _sha256_file(tmp), "bytes": tmp.stat().st_size}
+    rec = {"file": name, "count": hi - lo, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
     rec["latent_shape"] = list(latents.shape[2:])
     os.replace(tmp, out / name)
-    _atomic_write_bytes(out / STATE_DIR / f"shard-{sid:05d}.json", json.dumps(rec).encode())
+    atomic_write_bytes(out / STATE_DIR / f"shard-{sid:05d}.json", json.dumps(rec).encode())
 
 
 def write_manifest(out: Path, plan: dict[str, Any]) -> Path:
@@ -221,8 +219,8 @@ def write_manifest(out: Path, plan: dict[str, Any]) -> Path:
         "classes": plan["classes"],  # extra field: class index -> folder name (readers ignore it)
     }
     path = out / MANIFEST_NAME
-    _atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
-    _fsync_dir(out)
+    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
+    fsync_dir(out)
     LatentShardDataset(out, verify="full").verify_all()
     return path
 
@@ -257,7 +255,7 @@ def extract(
         if plan_path.is_file():
             _check_plan(plan_path, json.loads(plan_path.read_text()), plan)
         else:
-            _atomic_write_bytes(plan_path, json.dumps(plan).encode())
+            atomic_write_bytes(plan_path, json.dumps(plan).encode())
     if group is not None:
         dist.barrier(group=group)
     plan = json.loads(plan_path.read_text())

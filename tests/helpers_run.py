@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from diffmoe_dist.metrics import read_metrics  # noqa: F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -168,13 +170,6 @@ def signal_workers(proc: subprocess.Popen, sig: int, nproc: int = 1) -> list[int
 
 # ----------------------------------------------------------------------------------------------------
 # what a run leaves behind
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def losses(run_dir: str | os.PathLike[str], key: str = "loss") -> dict[int, float]:

@@ -31,7 +31,6 @@ size is checked on open and its sha256 once, on first use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -43,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from diffmoe_dist.data.sampler import validate_batch_request
+from diffmoe_dist.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
 FORMAT_NAME = "diffmoe-latent-shards"
 FORMAT_VERSION = 1
@@ -60,31 +60,6 @@ _DTYPES: dict[str, tuple[torch.dtype, Any, str]] = {
 
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}.safetensors"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class LatentShardWriter:
@@ -117,7 +92,7 @@ class LatentShardWriter:
                 raise ValueError(f"{manifest} already exists (pass overwrite=True to replace it)")
             # Hide the old dataset first: from here on a reader sees no dataset until close().
             manifest.unlink()
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         self.shard_size = shard_size
         self.num_classes = num_classes
         self.scale_factor = float(scale_factor)
@@ -187,7 +162,7 @@ class LatentShardWriter:
         entry = {
             "file": name,
             "count": count,
-            "sha256": _sha256_file(tmp),
+            "sha256": sha256_file(tmp),
             "bytes": tmp.stat().st_size,
         }
         os.replace(tmp, path)
@@ -217,8 +192,8 @@ class LatentShardWriter:
             "shards": self._shards,
         }
         path = self.out_dir / MANIFEST_NAME
-        _atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
-        _fsync_dir(self.out_dir)
+        atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
+        fsync_dir(self.out_dir)
         self._closed = True
         return path
 
@@ -366,7 +341,7 @@ class LatentShardDataset:
         if size != entry["bytes"]:
             raise ValueError(f"shard {f} has {size} bytes, {MANIFEST_NAME} says {entry['bytes']}")
         if self.verify == "full":
-            digest = _sha256_file(f)
+            digest = sha256_file(f)
             if digest != entry["sha256"]:
                 raise ValueError(
                     f"shard {f} is corrupt: sha256 {digest} != {entry['sha256']} in {MANIFEST_NAME}"

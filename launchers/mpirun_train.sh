@@ -36,13 +36,8 @@ command -v "$MPIEXEC" >/dev/null ||
   die "'$MPIEXEC' not found: pip install -c constraints.txt mpi4py mpich, or set MPIEXEC"
 "$PYTHON" -c "import mpi4py" 2>/dev/null ||
   die "mpi4py is not importable by $PYTHON: pip install -c constraints.txt mpi4py mpich"
-run_dir_args=()
-if [[ -n ${RUN_DIR:-} ]]; then
-  mkdir -p "$RUN_DIR" 2>/dev/null || die "cannot create run dir '$RUN_DIR'"
-  probe=$(mktemp -p "$RUN_DIR" .write-probe.XXXXXX 2>/dev/null) || die "run dir '$RUN_DIR' is not writable"
-  rm -f "$probe"
-  run_dir_args=(--set "run.dir=$RUN_DIR")
-fi
+# shellcheck source=launchers/common.sh
+source "$REPO_DIR/launchers/common.sh"
 
 echo "mpirun_train: $NP rank(s) via $MPIEXEC, config $CONFIG, extra args: $*" >&2
 exec "$MPIEXEC" -n "$NP" "${mpi_args[@]}" "$PYTHON" -m diffmoe_dist.train \

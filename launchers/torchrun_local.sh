@@ -35,13 +35,8 @@ if ((gpus > 0 && NPROC > gpus)); then
   die "NPROC=$NPROC but nvidia-smi finds $gpus GPU(s)"
 fi
 command -v "$TORCHRUN" >/dev/null || die "'$TORCHRUN' not found on PATH"
-run_dir_args=()
-if [[ -n ${RUN_DIR:-} ]]; then
-  mkdir -p "$RUN_DIR" 2>/dev/null || die "cannot create run dir '$RUN_DIR'"
-  probe=$(mktemp -p "$RUN_DIR" .write-probe.XXXXXX 2>/dev/null) || die "run dir '$RUN_DIR' is not writable"
-  rm -f "$probe"
-  run_dir_args=(--set "run.dir=$RUN_DIR")
-fi
+# shellcheck source=launchers/common.sh
+source "$REPO_DIR/launchers/common.sh"
 
 echo "torchrun_local: $NPROC worker(s), config $CONFIG, extra args: $*" >&2
 exec "$TORCHRUN" --standalone --nnodes=1 --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
+from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts, combine
 
 TOKENS = [[3, 0, 0], [2, 2, 0], [0, 3, 0], [0, 0, 0], [0, 0, 2], [0, 0, 1]]
 
@@ -240,6 +240,40 @@ def test_stacked_experts_match_loop(counts: list[int]) -> None:
     for e, n in enumerate(counts):
         if n == 0:
             assert torch.all(gp_fast[0][e] == 0)  # w1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_combine_matches_autograd_expression(dtype: torch.dtype) -> None:
+    # combine() has a hand-written backward; it must equal autograd of the plain expression, with a
+    # token picked by several pairs, a token picked by none, and bf16 expert outputs (autocast).
+    gen = torch.Generator().manual_seed(3)
+    tok = torch.tensor([0, 2, 4, 1, 2, 4, 2])  # token 3 unpicked, token 2 three times
+    y = torch.randn(7, 5, generator=gen).to(dtype).requires_grad_()
+    w = torch.rand(
+        7, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
+    w.requires_grad_()
+    g = torch.randn(6, 5, generator=gen, dtype=w.dtype)
+    out_dtype = w.dtype
+
+    def run(fn):
+        y.grad = w.grad = None
+        out = fn()
+        (out * g).sum().backward()
+        return out.detach(), y.grad.clone(), w.grad.clone()
+
+    got = run(lambda: combine(y, w, tok, 6, out_dtype))
+    ref = run(
+        lambda: torch.zeros(6, 5, dtype=out_dtype).index_add_(
+            0, tok, (y * w[:, None]).to(out_dtype)
+        )
+    )
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    assert torch.all(got[0][3] == 0) and torch.all(got[0][5] == 0)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda a, b: combine(a, b, tok, 6, torch.float64), (y, w))
 
 
 def test_stacked_experts_rows_go_to_their_expert() -> None:

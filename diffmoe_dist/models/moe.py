@@ -91,9 +91,12 @@ class StackedExperts(nn.Module):
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-        buf = x.new_zeros(E, max_c, self.dim)
-        buf[expert_of_row, pos] = x
-        return self._ffn(buf)[expert_of_row, pos]
+        # Flat slots + index_add / index_select: their backwards are index_select / index_add_, not
+        # the zero-filled accumulate-index_put that advanced indexing runs (measured 3x slower).
+        slot = expert_of_row * max_c + pos  # [M] row in the flattened [E * max_c] buffer
+        buf = x.new_zeros(E * max_c, self.dim).index_add(0, slot, x)
+        out = self._ffn(buf.view(E, max_c, self.dim)).reshape(E * max_c, self.dim)
+        return out.index_select(0, slot)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(self.b1.unsqueeze(1).to(h.dtype), h, self.w1.to(h.dtype))  # [E, c, H]
@@ -109,6 +112,43 @@ class StackedExperts(nn.Module):
             outs.append(h @ self.w2[e] + self.b2[e])
             start += n
         return torch.cat(outs, 0) if outs else x.new_zeros(0, self.dim)
+
+
+class _Combine(torch.autograd.Function):
+    """out [N, D] = sum over pairs m of w[m] * y[m] added at row tok[m]; see ``combine``.
+
+    Autograd of ``zeros.index_add_(0, tok, y * w[:, None])`` keeps the [M, D] product and runs two
+    broadcast multiplies, a full multiply and a sum in backward; here backward gathers the output
+    gradient once and reuses it (issue 8: this and the gather were most of the layer's overhead).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, n: int, dtype):  # type: ignore[override]
+        ctx.save_for_backward(y, w, tok)
+        contrib = (y * w[:, None]).to(dtype)  # [M, D], promoted like the autograd expression
+        return torch.zeros(n, y.shape[1], dtype=dtype, device=y.device).index_add_(0, tok, contrib)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        y, w, tok = ctx.saved_tensors
+        work = torch.promote_types(y.dtype, w.dtype)
+        gs = grad_out.index_select(0, tok).to(work)  # [M, D]
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.linalg.vecdot(gs, y.to(work)).to(w.dtype)  # [M]
+        grad_y = gs.mul_(w[:, None].to(work)).to(y.dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_w, None, None, None
+
+
+def combine(
+    y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Weighted scatter-add of expert outputs back to their tokens.
+
+    y [M, D] expert outputs per (token, expert) pair, w [M] combine weights, tok [M] token of each
+    pair (long) -> [n, D] in ``dtype``; a token chosen by no expert gets zeros.
+    """
+    return _Combine.apply(y, w, tok, n, dtype)
 
 
 class CapacityPredictor(nn.Module):
@@ -275,10 +315,12 @@ class MoELayer(nn.Module):
         exp_idx, tok_idx = mask.t().nonzero(as_tuple=True)  # grouped by expert, then token index
         counts = mask.sum(0)  # [E]
         weights = scores[tok_idx, exp_idx]  # [M] combine weights, not renormalised
+        # index_select, not xf[tok_idx]: its backward is one index_add_ instead of a zero-filled
+        # accumulate-index_put (about 3x faster on CPU at N = 8192).
         y_sel = self.dispatcher.run_experts(
-            xf[tok_idx], counts, self.experts, self.layer_id, tok_idx=tok_idx
+            xf.index_select(0, tok_idx), counts, self.experts, self.layer_id, tok_idx=tok_idx
         )
-        out = torch.zeros_like(xf).index_add_(0, tok_idx, (y_sel * weights[:, None]).to(xf.dtype))
+        out = combine(y_sel, weights, tok_idx, N, xf.dtype)
         stats.pairs = int(tok_idx.numel())
         stats.expert_counts = counts.detach()
         stats.token_pairs = mask.sum(1).detach()

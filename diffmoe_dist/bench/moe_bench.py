@@ -87,11 +87,14 @@ def peak_flops(device_name: str) -> float | None:
 class LoopBufferMoE(nn.Module):
     """The MoE layer as the public DiffMoE code writes it: for comparison only, never for training.
 
-    nn.ModuleList of per-expert FFNs, a Python loop over experts, and the combine done by scattering
-    every expert's gated output into a zero [E * S, D] buffer and summing it over experts. Routing
-    math is the same as MoELayer's (softmax before selection, expert choice top-k per pool / image,
-    top-1 token choice); ties are left to torch.topk (inputs with ties are not used here).
-    forward(x [B, T, D]) -> (y [B, T, D], auxiliary loss: predictor BCE or Switch loss, or 0).
+    nn.ModuleList of per-expert FFNs and the structure of the public layer's training forward: the
+    selected tokens gathered at once ([E, k, D]), a Python loop over experts, the outputs stacked
+    and gated, then ONE scatter into a zero [E * S, D] buffer that is summed over experts. EC does
+    the same per image (an [B, E * T, D] buffer); TC concatenates its uneven per-expert outputs
+    before the one scatter. Routing math is MoELayer's (softmax before selection, expert-choice
+    top-k per pool / image, top-1 token choice); ties are left to torch.topk (inputs with ties are
+    not used here). forward(x [B, T, D]) -> (y [B, T, D], auxiliary loss: predictor BCE or Switch
+    loss, or 0).
     """
 
     def __init__(self, layer: MoELayer):
@@ -126,8 +129,7 @@ class LoopBufferMoE(nn.Module):
         B, T, D = x.shape
         E = self.num_experts
         if self.mode == "ec":
-            k = int(T * self.capacity // E)  # expert choice within each image
-            return torch.stack([self._expert_choice(x[b], k)[0] for b in range(B)]), x.new_zeros(())
+            return self._expert_choice_per_image(x, int(T * self.capacity // E)), x.new_zeros(())
         P = self.pool_samples
         if B % P:
             raise ValueError(f"batch {B} is not a multiple of pool_samples={P}")
@@ -141,32 +143,56 @@ class LoopBufferMoE(nn.Module):
             aux = aux + a / (B // P)
         return torch.stack(outs).view(B, T, D), aux
 
-    def _combine(self, xs: torch.Tensor, index: list[torch.Tensor], gates: list[torch.Tensor]):
-        """Loop over experts, scatter gated outputs into the [E * S, D] buffer, sum over experts."""
-        S, D = xs.shape
-        E = self.num_experts
-        y = xs.new_zeros(E * S, D)
-        for e, expert in enumerate(self.experts):
-            out = gates[e][:, None] * expert(xs[index[e]])  # [k_e, D]
-            y = torch.scatter(y, 0, (index[e] + e * S)[:, None].expand(-1, D), out)
-        return y.view(E, S, D).sum(0)
+    def _buffer_sum(self, S: int, rows: torch.Tensor, gated: torch.Tensor) -> torch.Tensor:
+        """One scatter of every expert's gated outputs into a zero [E * S, D] buffer, summed over E.
+
+        rows [M]: e * S + token of each output row; gated [M, D].
+        """
+        D = gated.shape[-1]
+        buf = gated.new_zeros(self.num_experts * S, D)
+        buf = torch.scatter(buf, 0, rows[:, None].expand(-1, D), gated)
+        return buf.view(self.num_experts, S, D).sum(0)
 
     def _expert_choice(self, xs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        S, E = xs.shape[0], self.num_experts
         scores = F.linear(xs, self.gate_weight).float().softmax(-1).t()  # [E, S]
         gating, index = torch.topk(scores, k=k, dim=-1, sorted=False)  # [E, k]
-        y = self._combine(xs, list(index), list(gating.to(xs.dtype)))
+        x_in = xs[index]  # [E, k, D]
+        x_e = torch.stack([expert(x_in[e]) for e, expert in enumerate(self.experts)])  # [E, k, D]
+        gated = gating.to(xs.dtype)[..., None] * x_e
+        rows = (index + torch.arange(E, device=xs.device)[:, None] * S).view(-1)
+        y = self._buffer_sum(S, rows, gated.view(E * k, -1))
         if self.predictor is None:
             return y, xs.new_zeros(())
         mask = torch.zeros_like(scores).scatter_(1, index, 1.0)  # [E, S]
         logits = self.predictor(xs.detach()).float()  # [S, E]
         return y, F.binary_cross_entropy_with_logits(logits, mask.t())
 
+    def _expert_choice_per_image(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """EC: top-k per (image, expert), the same gather / loop / one-scatter buffer per image."""
+        B, T, D = x.shape
+        E = self.num_experts
+        scores = F.linear(x, self.gate_weight).float().softmax(-1).transpose(1, 2)  # [B, E, T]
+        gating, index = torch.topk(scores, k=k, dim=-1, sorted=False)  # [B, E, k]
+        x_in = torch.gather(
+            x[:, None].expand(B, E, T, D), 2, index[..., None].expand(-1, -1, -1, D)
+        )
+        x_e = torch.stack([expert(x_in[:, e]) for e, expert in enumerate(self.experts)], 1)
+        gated = (gating.to(x.dtype)[..., None] * x_e).reshape(B, E * k, D)
+        rows = (index + torch.arange(E, device=x.device)[:, None] * T).reshape(B, E * k)
+        buf = torch.scatter(x.new_zeros(B, E * T, D), 1, rows[..., None].expand(-1, -1, D), gated)
+        return buf.view(B, E, T, D).sum(1)
+
     def _token_choice(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         S, E = xs.shape[0], self.num_experts
         scores = F.linear(xs, self.gate_weight).float().softmax(-1)  # [S, E]
         gate, choice = scores.max(-1)  # [S]
         index = [(choice == e).nonzero().squeeze(1) for e in range(E)]
-        y = self._combine(xs, index, [gate[i].to(xs.dtype) for i in index])
+        outs = [
+            expert(xs[i]) * gate[i].to(xs.dtype)[:, None] for i, expert in zip(index, self.experts)
+        ]
+        rows = torch.cat([i + e * S for e, i in enumerate(index)])
+        y = self._buffer_sum(S, rows, torch.cat(outs))
         f = torch.bincount(choice, minlength=E).float() / S  # fraction routed to each expert
         return y, E * (f * scores.mean(0)).sum()  # Switch load-balancing loss
 

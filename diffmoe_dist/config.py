@@ -78,6 +78,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam where importable)
     allow_pool_change: bool = False  # resume with a different moe.pool_samples only when True
+    # Peak FLOP/s per rank, in TFLOP/s, for the `mfu` metric; 0 = the bf16 peak of a known GPU
+    # (H100 / H200 / A100, diffmoe_dist/flops.py) when training in bf16 on it, else no `mfu`.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -377,6 +380,7 @@ def validate(cfg: Config) -> None:
     _positive(t.lr, "train.lr")
     _positive(t.warmup_steps, "train.warmup_steps", strict=False)
     _positive(t.grad_clip, "train.grad_clip", strict=False)
+    _positive(t.peak_tflops, "train.peak_tflops", strict=False)
     if not 0.0 <= t.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay}; must be in [0, 1)")
     if t.precision == "fp16":

@@ -36,12 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffmoe_dist.flops import peak_bf16_flops
 from diffmoe_dist.models.moe import FeedForward, LocalDispatcher, MoELayer
 
 TOKENS_PER_IMAGE = 256  # 32x32x4 latents, patch 2
 MOE_MODES = ("tc", "ec", "diffmoe")
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched by substring of the device name.
-PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12}
 REQUIRED_KEYS = (
     "mode",
     "width",
@@ -74,13 +73,6 @@ def flops_per_token(mode: str, dim: int, num_experts: int, capacity: float = 1.0
 def flop_floor(mode: str, dim: int, num_experts: int, capacity: float = 1.0) -> float:
     """The lowest possible time ratio of ``mode`` vs the dense FFN: FLOPs(mode) / FLOPs(dense)."""
     return flops_per_token(mode, dim, num_experts, capacity) / flops_per_token("dense", dim, 0)
-
-
-def peak_flops(device_name: str) -> float | None:
-    for key, val in PEAK_BF16.items():
-        if key in device_name:
-            return val
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,7 +309,7 @@ def bench_shape(
     for key, impl in impls.items():
         mems[key] = peak_memory_mb(impl.fn, x, g, device, dtype)
         impl.clear_grads()
-    peak = peak_flops(device_name) if device.startswith("cuda") else None
+    peak = peak_bf16_flops(device_name) if device.startswith("cuda") else None
     dense = times[("dense", "ours")]
     cases = []
     for mode in ("dense", *modes):

@@ -41,6 +41,7 @@ from diffmoe_dist.data import (
     rank_slice,
 )
 from diffmoe_dist.data.factory import build_dataset
+from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
@@ -103,6 +104,9 @@ class Trainer:
         )
         # per-layer expert telemetry, summed over ranks at log steps (diffmoe_dist/telemetry.py)
         self.telemetry = ExpertTelemetry(cfg.model.num_classes, self.world_size, self.rank)
+        # model FLOPs per training sample and the per-rank peak, for tflops_per_rank / mfu
+        self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.moe)
+        self.peak_flops = self._peak_flops()
         self.step = self._last_saved = 0
         self._resume()
         if self.rank == 0:
@@ -110,6 +114,22 @@ class Trainer:
         preemption.install()  # idempotent: train.py already installed it before the imports
 
     # ------------------------------------------------------------------------------------------------
+    def _peak_flops(self) -> float | None:
+        """train.peak_tflops if set, else the bf16 peak of a known GPU when training in bf16."""
+        if self.cfg.train.peak_tflops > 0:
+            return self.cfg.train.peak_tflops * 1e12
+        if self.device.type == "cuda" and self.cfg.train.precision == "bf16":
+            return peak_bf16_flops(torch.cuda.get_device_name(self.device))
+        return None
+
+    def throughput(self, samples_per_s: float) -> dict[str, float]:
+        """Global samples/s -> model TFLOP/s per rank, and MFU when the peak is known."""
+        per_rank = samples_per_s * self.flops_per_sample / self.world_size
+        out = {"tflops_per_rank": per_rank / 1e12}
+        if self.peak_flops:
+            out["mfu"] = per_rank / self.peak_flops
+        return out
+
     def _check_run_dir(self) -> None:
         if self.rank == 0:
             try:
@@ -296,12 +316,14 @@ class Trainer:
                     {k: out[k] for k in ("loss", "flow_loss", "cp_loss", "balance_loss")}
                 )
                 elapsed = time.perf_counter() - t_log
+                sps = samples / max(elapsed, 1e-9)
                 rec = {
                     "step": self.step,
                     **last,
                     "lr": out["lr"],
                     "grad_norm": out["grad_norm"],
-                    "samples_per_s": samples / max(elapsed, 1e-9),
+                    "samples_per_s": sps,
+                    **self.throughput(sps),
                     "world_size": self.world_size,
                     "ep": self.ps.ep,
                     **self.moe_metrics(),

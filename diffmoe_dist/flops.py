@@ -1,0 +1,82 @@
+"""Model FLOPs of DiffMoE, for achieved TFLOP/s and MFU (model FLOPs utilisation).
+
+Counted: every matmul of the model as it is defined (multiply-add = 2 FLOPs): patch embedding,
+timestep MLP, per block adaLN, qkv, attention scores and values, output projection, the FFN (dense)
+or the MoE FFN (router, capacity predictor, and the (token, expert) pairs that the *training* routing
+processes: exactly k per expert and pool for diffmoe / ec, one per token for tc), and the final layer.
+Not counted: norms, activations, softmax, top-k, gathers (the usual convention), and the padding
+rows that token choice runs through the padded batched matmul (hardware FLOPs, not model FLOPs).
+
+Training FLOPs per sample = 3 x forward (backward = input gradient + weight gradient), the PaLM /
+Megatron convention; the capacity predictor's and patch embedding's missing input gradients are
+ignored (under 1% of a step). ``tests/test_flops.py`` checks the forward count against
+``torch.utils.flop_counter.FlopCounterMode`` on real models of every mode.
+"""
+
+from __future__ import annotations
+
+from diffmoe_dist.config import ModelConfig, MoEConfig
+from diffmoe_dist.models.routing import capacity_k
+
+FREQ_EMBED = 256  # TimestepEmbedder's sinusoidal frequency size
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched by substring of the device name; the
+# more specific names come first.
+PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a known GPU (by name substring), else None."""
+    for key, val in PEAK_BF16.items():
+        if key in device_name:
+            return val
+    return None
+
+
+def moe_pairs_per_token(moe: MoEConfig, tokens_per_sample: int) -> float:
+    """(token, expert) pairs per token that one MoE layer processes in training."""
+    E, T = moe.num_experts, tokens_per_sample
+    if moe.mode == "tc":
+        return 1.0
+    if moe.mode == "ec":
+        return capacity_k(T, moe.capacity, E) * E / T
+    if moe.mode == "diffmoe":
+        S = moe.pool_samples * T
+        return capacity_k(S, moe.capacity, E) * E / S
+    raise ValueError(f"moe.mode={moe.mode!r} has no experts")
+
+
+def forward_flops_per_sample(model: ModelConfig, moe: MoEConfig) -> dict[str, float]:
+    """Forward FLOPs of one sample, by part, and their ``total`` (see the module docstring)."""
+    if model.input_size % model.patch_size:
+        raise ValueError(
+            f"model.input_size={model.input_size} is not a multiple of patch_size={model.patch_size}"
+        )
+    D, L = model.hidden_size, model.depth
+    H = int(D * model.mlp_ratio)
+    T = (model.input_size // model.patch_size) ** 2
+    patch = model.patch_size**2 * model.in_channels
+    n_moe = L // 2 if moe.mode != "dense" else 0  # odd-indexed blocks carry the MoE FFN
+    ffn_tok = 4.0 * D * H  # D -> H -> D per token
+    parts = {
+        "embed": 2.0 * T * patch * D + 2.0 * (FREQ_EMBED * D + D * D),
+        "adaln": L * 2.0 * D * 6 * D + 2.0 * D * 2 * D,
+        "attention": L * (2.0 * T * D * 3 * D + 4.0 * T * T * D + 2.0 * T * D * D),
+        "ffn": (L - n_moe) * T * ffn_tok,
+        "experts": 0.0,
+        "router": 0.0,
+        "predictor": 0.0,
+        "final": 2.0 * T * D * patch,
+    }
+    if n_moe:
+        E = moe.num_experts
+        parts["experts"] = n_moe * T * ffn_tok * moe_pairs_per_token(moe, T)
+        parts["router"] = n_moe * 2.0 * T * D * E
+        if moe.mode == "diffmoe" and moe.predictor:
+            parts["predictor"] = n_moe * (2.0 * T * D * D + 2.0 * T * D * E)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def train_flops_per_sample(model: ModelConfig, moe: MoEConfig) -> float:
+    """Forward + backward model FLOPs of one training sample (3 x forward)."""
+    return 3.0 * forward_flops_per_sample(model, moe)["total"]

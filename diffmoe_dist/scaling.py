@@ -298,6 +298,8 @@ def summarize_run(plan: PlannedRun, warmup: int = 1) -> dict[str, Any]:
     sps = _mean([r.get("samples_per_s") for r in timed])
     row["samples_per_s"] = sps
     row["samples_per_s_per_rank"] = sps / lay.world if sps else None
+    row["tflops_per_rank"] = _mean([r.get("tflops_per_rank") for r in timed])
+    row["mfu"] = _mean([r.get("mfu") for r in timed])
     step = _mean([r.get("step_time_s") for r in timed])
     row["step_time_ms"] = step * 1e3 if step is not None else None
     row["a2a_share"] = _mean([r.get("a2a_share") for r in timed])
@@ -344,6 +346,8 @@ COLUMNS = (
     "samples_per_s",
     "samples_per_s_per_rank",
     "scaling_eff",
+    "tflops_per_rank",
+    "mfu",
     "step_time_ms",
     "a2a_share",
     "peak_mem_mb",
@@ -382,7 +386,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
         "",
         f"scaling_eff: samples/s per rank relative to {base or 'the smallest successful layout'} "
         "(1.0 = linear). a2a_share: time in the expert dispatcher's collectives / step time, "
-        "mean over ranks. peak_mem_mb: max RSS over ranks. load_skew: max/mean tokens per "
+        "mean over ranks. peak_mem_mb: max over ranks (GPU: max_memory_allocated, CPU: peak RSS). "
+        "tflops_per_rank / mfu: model FLOPs (diffmoe_dist/flops.py). load_skew: max/mean tokens per "
         "expert (max over layers). max_loss_diff: largest |loss - baseline loss| over steps "
         "(the model is held fixed, so this is float rounding).",
     ]

@@ -55,6 +55,13 @@ def peak_rss_mb() -> float:
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
 
 
+def peak_mem_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this rank in MiB: CUDA ``max_memory_allocated`` on a GPU, else peak RSS."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
 def collect_comm_time(model: nn.Module) -> float:
     """Seconds this rank spent in its dispatchers' collectives since the last call (then zeroed)."""
     total = 0.0
@@ -178,7 +185,7 @@ class ExpertTelemetry:
     def reduce(self, group: dist.ProcessGroup | None, device: torch.device | None = None) -> None:
         """Sum every counter over the ranks of ``group`` with ONE all-reduce (call on every rank)."""
         self.peak_mb.zero_()
-        self.peak_mb[self.rank] = peak_rss_mb()
+        self.peak_mb[self.rank] = peak_mem_mb(device)
         parts = [self.counts, self.sizes, self.pr, self.has_pred, self.bucket, self.label]
         parts += [self.timing, self.peak_mb]
         if group is not None:

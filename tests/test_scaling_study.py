@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers_run import REPO, TINY, _env, losses
 
+from diffmoe_dist.config import load_config
+from diffmoe_dist.flops import train_flops_per_sample
 from diffmoe_dist.scaling import Layout, parse_layouts, plan_sweep, slurm_command
 
 STEPS = 3
@@ -55,6 +57,14 @@ def test_table_rows_and_plots(study: tuple[Path, subprocess.CompletedProcess]) -
     for r in rows[:3]:
         for key in ("samples_per_s_per_rank", "scaling_eff", "peak_mem_mb", "load_skew"):
             assert float(r[key]) > 0, (r["layout"], key)
+        # model TFLOP/s per rank is samples/s per rank x the model's FLOPs per sample (no peak on
+        # CPU, so no MFU)
+        cfg = load_config(TINY)
+        per_sample = train_flops_per_sample(cfg.model, cfg.moe)
+        assert float(r["tflops_per_rank"]) == pytest.approx(  # both rounded to 4 digits
+            float(r["samples_per_s_per_rank"]) * per_sample / 1e12, rel=2e-3
+        )
+        assert r["mfu"] == ""
         assert 0 <= float(r["a2a_share"]) < 1
     assert float(rows[0]["scaling_eff"]) == 1.0 and float(rows[0]["a2a_share"]) == 0.0
     assert float(rows[1]["a2a_share"]) > 0 and float(rows[2]["a2a_share"]) > 0  # ep > 1

@@ -16,7 +16,14 @@ import torch
 from helpers_run import REPO, _env, read_metrics, run_train
 
 from diffmoe_dist.models.moe import MoEStats
-from diffmoe_dist.telemetry import ExpertTelemetry, load_skew, precision_recall, t_bucket
+from diffmoe_dist.telemetry import (
+    ExpertTelemetry,
+    load_skew,
+    peak_mem_mb,
+    peak_rss_mb,
+    precision_recall,
+    t_bucket,
+)
 
 TELEMETRY_KEYS = (
     "tokens_per_expert",
@@ -170,3 +177,13 @@ def test_plot_tool_writes_pngs(runs: dict[str, Path], tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "metrics.jsonl does not exist" in bad.stderr
+
+
+def test_peak_memory_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU: the process's peak RSS. CUDA cannot exist here, so its allocator query is replaced by a
+    # stand-in only to check that a cuda device reads GPU memory, not RSS.
+    assert peak_mem_mb(torch.device("cpu")) == pytest.approx(peak_rss_mb(), rel=0.05)
+    assert peak_mem_mb(None) > 0
+    seen = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: seen.append(d) or 3 * 2**20)
+    assert peak_mem_mb(torch.device("cuda", 1)) == 3.0 and seen == [torch.device("cuda", 1)]

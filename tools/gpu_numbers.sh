@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU numbers of docs/benchmarks.md in one command, on a machine with one GPU:
+#   1. tools/bench_moe.py --device cuda --dtype bf16 at the paper's widths (S 384, B 768, L 1024),
+#      E8 / E16, pools of 16384 (64 images) and 65536 tokens: ms, ratio vs dense, TFLOP/s, MFU;
+#   2. synthetic latents (tools/make_synthetic_latents.py) and a short bf16 training run of
+#      DiffMoE-L-E16 through tools/scaling_study.py (one layout): samples/s, model TFLOP/s and MFU
+#      per GPU (diffmoe_dist/flops.py), peak memory, after WARMUP logged steps.
+#
+#   bash tools/gpu_numbers.sh OUT_DIR
+#
+# Everything is overridable from the environment (defaults in brackets): DEVICE [cuda], CONFIG
+# [configs/imagenet256/diffmoe_l_e16.yaml], MICRO [64] samples per step, STEPS [40], WARMUP [10],
+# WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16].
+# tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).
+set -euo pipefail
+
+OUT=${1:?usage: bash tools/gpu_numbers.sh OUT_DIR}
+DEVICE=${DEVICE:-cuda}
+CONFIG=${CONFIG:-configs/imagenet256/diffmoe_l_e16.yaml}
+MICRO=${MICRO:-64}
+STEPS=${STEPS:-40}
+WARMUP=${WARMUP:-10}
+WIDTHS=${WIDTHS:-384,768,1024}
+EXPERTS=${EXPERTS:-8,16}
+TOKENS=${TOKENS:-16384,65536}
+REPEATS=${REPEATS:-5}
+PRECISION=${PRECISION:-bf16}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+
+if [[ -e "$OUT/results.csv" || -e "$OUT/bench.json" ]]; then
+    echo "gpu_numbers: $OUT already has results; choose a new OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+DTYPE=$PRECISION
+[[ $DTYPE == bf16 || $DTYPE == fp32 ]] || { echo "gpu_numbers: PRECISION=$PRECISION (bf16|fp32)" >&2; exit 2; }
+
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(hostname)"
+    "$PYTHON" -c 'import torch; print("torch", torch.__version__); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+} > "$OUT/machine.txt"
+
+echo "== 1/2 bench_moe ($DEVICE, $DTYPE)"
+"$PYTHON" "$HERE/tools/bench_moe.py" --device "$DEVICE" --dtype "$DTYPE" --widths "$WIDTHS" \
+    --experts "$EXPERTS" --tokens "$TOKENS" --repeats "$REPEATS" --json > "$OUT/bench.json"
+"$PYTHON" - "$OUT/bench.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"device: {r['device']}")
+for c in r["cases"]:
+    mfu = c.get("mfu")
+    print(f"{c['mode']:8} D={c['width']:5} E={c['experts']:3} N={c['tokens']:6} "
+          f"{c['ms_median']:9.2f} ms  x dense {c['ratio_vs_dense']:.2f}  "
+          f"TFLOP/s {c.get('tflops') or 0:7.1f}  MFU {mfu if mfu is not None else '-'}")
+EOF
+
+echo "== 2/2 training throughput ($CONFIG, $PRECISION, micro $MICRO, $STEPS steps)"
+"$PYTHON" "$HERE/tools/make_synthetic_latents.py" --config "$CONFIG" --out "$OUT/latents" \
+    --count $((MICRO * 4))
+"$PYTHON" "$HERE/tools/scaling_study.py" --config "$CONFIG" --out "$OUT" --steps "$STEPS" \
+    --warmup "$WARMUP" --layouts "nodes=1,nproc=1,ep=1,micro=$MICRO" \
+    --set data.name=latents --set "data.path=$OUT/latents" --set "train.precision=$PRECISION" \
+    --set "moe.pool_samples=$MICRO" --set train.log_every=1 --set "train.ckpt_every=$((STEPS + 1))" \
+    --set run.progress=false
+echo "gpu_numbers: results in $OUT (machine.txt, bench.json, results.md, results.csv)"

@@ -125,6 +125,30 @@ def test_bench_cli_json_and_bad_input(tmp_path) -> None:
     assert out["plans"] and out["recommended"] == {"DiffMoE-L-E16@1": 8, "DiffMoE-XL-E16@1": 8}
     with pytest.raises(SystemExit, match="ib_gbps=0"):
         plan_cluster.main(["--ib-gbps", "0"])
+    # --profile: profiler tables of the dense FFN and the layer (their own matmuls show up)
+    with contextlib.redirect_stdout(io.StringIO()):
+        tables = bench_moe.main(
+            ["--profile", "--widths", "32", "--experts", "4", "--tokens", "256", "--modes", "ec"]
+        )
+    assert set(tables) == {"dense", "ec"}
+    assert "aten::addmm" in tables["dense"] and "aten::bmm" not in tables["dense"]
+    assert "aten::baddbmm" in tables["ec"]
+    # --table: saved results printed as one table, nothing rerun; bad files named
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**result, "cases": result["cases"][:1]}))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        merged = bench_moe.main(["--table", str(path), str(other)])
+    assert merged["cases"] == result["cases"] + result["cases"][:1]
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == f"device: {result['device']}" and len(lines) == 2 + len(merged["cases"])
+    assert lines[2].split()[:4] == ["dense", "32", "4", "256"]
+    (tmp_path / "bad.json").write_text('{"device": "cpu"}')
+    with pytest.raises(SystemExit, match="bad.json"):
+        bench_moe.main(["--table", str(tmp_path / "bad.json")])
+    other.write_text(json.dumps({**result, "device": "NVIDIA H100, bf16"}))
+    with pytest.raises(SystemExit, match="different devices"):
+        bench_moe.main(["--table", str(path), str(other)])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     python tools/bench_moe.py                      # table, widths 384,768, E8/E16, 2048..16384 tokens
     python tools/bench_moe.py --quick --json       # width 384, E16, 2048 and 8192 tokens, 3 repeats
     python tools/bench_moe.py --device cuda --dtype bf16 --json > bench.json   # adds tflops, mfu
+    python tools/bench_moe.py --table a.json b.json   # print saved --json results as one table
+    python tools/bench_moe.py --profile --widths 384 --experts 16 --tokens 8192 --modes diffmoe
 
 What is measured and how: diffmoe_dist/bench/moe_bench.py (module docstring) and docs/benchmarks.md.
 """
@@ -14,11 +16,17 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from diffmoe_dist.bench.moe_bench import MOE_MODES, bench_shape, validate_result  # noqa: E402
+from diffmoe_dist.bench.moe_bench import (  # noqa: E402
+    MOE_MODES,
+    bench_shape,
+    profile_shape,
+    validate_result,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,7 +54,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the table of saved --json results (one device), run nothing",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler tables (dense and each mode, first width/experts/tokens), "
+        "no timing table",
+    )
     args = ap.parse_args(argv)
+    if args.table:
+        return table_from_files(args.table)
     if args.quick:
         args.widths, args.experts, args.tokens, args.repeats = "384", "16", "2048,8192", 3
     widths, experts = _ints(args.widths, "widths"), _ints(args.experts, "experts")
@@ -64,6 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
         name = torch.cuda.get_device_name()
     else:
         name = f"cpu ({torch.get_num_threads()} threads)"
+    if args.profile:
+        d, e, n = widths[0], experts[0], tokens[0]
+        tables = profile_shape(d, e, n, modes, args.device, DTYPES[args.dtype])
+        for impl, table in tables.items():
+            print(f"== {impl}  D={d} E={e} tokens={n} ({name}, {args.dtype})\n{table}")
+        return tables
     cases: list[dict] = []
     for d in widths:
         for e in experts:
@@ -80,6 +108,24 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print_table(result)
     return result
+
+
+def table_from_files(paths: list[str]) -> dict:
+    """Merge saved results (same device) and print them as one table."""
+    results = []
+    for p in paths:
+        try:
+            r = json.loads(Path(p).read_text())
+            validate_result(r)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--table {p}: {e}") from e
+        results.append(r)
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise SystemExit(f"--table: results from different devices {sorted(devices)}")
+    merged = {"device": results[0]["device"], "cases": [c for r in results for c in r["cases"]]}
+    print_table(merged)
+    return merged
 
 
 def print_table(result: dict) -> None:

@@ -342,6 +342,46 @@ def bench_shape(
     return cases
 
 
+def profile_shape(
+    dim: int,
+    num_experts: int,
+    tokens: int,
+    modes: tuple[str, ...] = MOE_MODES,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    steps: int = 2,
+    rows: int = 25,
+) -> dict[str, str]:
+    """torch.profiler tables (self time by op and input shape): the dense FFN and each of ``modes``.
+
+    One warm-up step, then ``steps`` profiled forward + backward steps each (grads cleared between
+    steps, outside nothing: the profile is for where time goes, not for timing).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    impls = {"dense": make_impls("dense", dim, 0, tokens, device)["ours"]}
+    for mode in modes:
+        impls[mode] = make_impls(mode, dim, num_experts, tokens, device)["ours"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens // TOKENS_PER_IMAGE, TOKENS_PER_IMAGE, dim, generator=gen)
+    g = torch.randn(x.shape, generator=gen).to(device)
+    x = x.to(device).requires_grad_()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    tables = {}
+    for name, impl in impls.items():
+        fwd_bwd(impl.fn, x, g, device, dtype)
+        impl.clear_grads()
+        with profile(activities=acts, record_shapes=True) as prof:
+            for _ in range(steps):
+                fwd_bwd(impl.fn, x, g, device, dtype)
+                impl.clear_grads()
+        tables[name] = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=60
+        )
+    return tables
+
+
 def iqr(values: list[float]) -> float:
     """Interquartile range (q3 - q1, inclusive method); 0 for fewer than 2 values."""
     if len(values) < 2:

@@ -276,6 +276,19 @@ def test_combine_matches_autograd_expression(dtype: torch.dtype) -> None:
         assert torch.autograd.gradcheck(lambda a, b: combine(a, b, tok, 6, torch.float64), (y, w))
 
 
+def test_uneven_counts_cost_exact_flops() -> None:
+    # Token choice can be badly imbalanced; uneven counts must not run padding rows (a padded
+    # [E, max_count, D] batched matmul would count 4 * 9 rows here instead of 12).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ex = StackedExperts(4, 8, 32)
+    c = torch.tensor([9, 1, 0, 2])
+    x = torch.randn(12, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        ex(x, c).sum().backward()
+    assert fc.get_total_flops() == 3 * 12 * 4 * 8 * 32  # fwd + (input, weight) grads, 12 rows
+
+
 def test_stacked_experts_rows_go_to_their_expert() -> None:
     # Independent of both paths: row i of the input must be processed by the expert it is grouped in.
     torch.manual_seed(0)

@@ -86,17 +86,19 @@ class StackedExperts(nn.Module):
             # Static shapes (training: every expert takes exactly k tokens): one bmm per matrix.
             h = x.view(E, c[0], self.dim)
             return self._ffn(h).reshape(-1, self.dim)
-        # Uneven counts (inference, token choice): scatter into [E, max_count, D], bmm, gather back.
-        max_c = max(c)
-        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-        # Flat slots + index_add / index_select: their backwards are index_select / index_add_, not
-        # the zero-filled accumulate-index_put that advanced indexing runs (measured 3x slower).
-        slot = expert_of_row * max_c + pos  # [M] row in the flattened [E * max_c] buffer
-        buf = x.new_zeros(E * max_c, self.dim).index_add(0, slot, x)
-        out = self._ffn(buf.view(E, max_c, self.dim)).reshape(E * max_c, self.dim)
-        return out.index_select(0, slot)
+        # Uneven counts (token choice, dynamic inference, expert parallelism's received rows): one
+        # addmm pair per non-empty expert on split() / unbind() views, whose backwards are one cat /
+        # one stack. Exact FLOPs: a padded [E, max_count, D] bmm costs E * max_count rows, 12% over at
+        # TC's initial balance and several times over once token choice is imbalanced (docs/benchmarks.md).
+        xs = x.split(c)
+        w1, b1 = self.w1.to(x.dtype).unbind(0), self.b1.to(x.dtype).unbind(0)
+        w2, b2 = self.w2.to(x.dtype).unbind(0), self.b2.to(x.dtype).unbind(0)
+        outs = []
+        for e, n in enumerate(c):
+            if n:
+                h = F.gelu(torch.addmm(b1[e], xs[e], w1[e]), approximate="tanh")
+                outs.append(torch.addmm(b2[e], h, w2[e]))
+        return torch.cat(outs)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(self.b1.unsqueeze(1).to(h.dtype), h, self.w1.to(h.dtype))  # [E, c, H]

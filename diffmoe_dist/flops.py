@@ -4,8 +4,8 @@ Counted: every matmul of the model as it is defined (multiply-add = 2 FLOPs): pa
 timestep MLP, per block adaLN, qkv, attention scores and values, output projection, the FFN (dense)
 or the MoE FFN (router, capacity predictor, and the (token, expert) pairs that the *training* routing
 processes: exactly k per expert and pool for diffmoe / ec, one per token for tc), and the final layer.
-Not counted: norms, activations, softmax, top-k, gathers (the usual convention), and the padding
-rows that token choice runs through the padded batched matmul (hardware FLOPs, not model FLOPs).
+Not counted: norms, activations, softmax, top-k, gathers (the usual convention). Uneven expert counts
+run exact per-expert matmuls (models/moe.py), so executed matmul FLOPs equal these model FLOPs.
 
 Training FLOPs per sample = 3 x forward (backward = input gradient + weight gradient), the PaLM /
 Megatron convention; the capacity predictor's and patch embedding's missing input gradients are

@@ -1,8 +1,8 @@
 """Model FLOPs (diffmoe_dist/flops.py) against torch's FlopCounterMode, and the trainer's MFU metric.
 
 The analytic count is what MFU divides by, so it is checked against the matmuls torch actually
-runs in a forward of a real model, in every routing mode (tc through the loop dispatcher: the
-padded batched path runs extra padding rows, which are hardware FLOPs, not model FLOPs).
+runs in a forward of a real model, in every routing mode, through the layer's own fast path (tc's
+uneven counts included: they run exact per-expert matmuls, no padding rows).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from diffmoe_dist.flops import (  # noqa: E402
     train_flops_per_sample,
 )
 from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
-from diffmoe_dist.models.moe import LocalDispatcher, MoELayer  # noqa: E402
 from diffmoe_dist.train import main as train_main  # noqa: E402
 
 MODEL = ModelConfig(
@@ -38,9 +37,6 @@ MODEL = ModelConfig(
 def counted_forward_flops(moe: MoEConfig, batch: int) -> float:
     torch.manual_seed(0)
     model = DiffMoE(MODEL, moe).train()
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            m.dispatcher = LocalDispatcher(use_loop=True)  # exact rows per expert, no padding
     x = torch.randn(batch, MODEL.in_channels, MODEL.input_size, MODEL.input_size)
     t, y = torch.rand(batch), torch.randint(0, MODEL.num_classes, (batch,))
     # The math SDPA backend runs attention as matmuls the counter sees (it has no formula for the

@@ -11,6 +11,8 @@
 # Everything is overridable from the environment (defaults in brackets): DEVICE [cuda], CONFIG
 # [configs/imagenet256/diffmoe_l_e16.yaml], MICRO [64] samples per step, STEPS [40], WARMUP [10],
 # WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16].
+# Memory: the planner's model (diffmoe_dist/bench/planner.py) puts DiffMoE-L-E16 at about 61 GB per
+# GPU at MICRO=64 (fp32 weights + AdamW + EMA, bf16 activations) and 51 GB at MICRO=32.
 # tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).
 set -euo pipefail
 

@@ -241,3 +241,15 @@ def restored_signal_handlers() -> Iterator[None]:
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def train_in_process(run_dir: Path | str, *overrides: str, config: Path | str = TINY) -> int:
+    """diffmoe-train's main() in this process (run.dir, no progress bar, ``overrides`` as --set);
+    returns its exit code. Signal handlers the Trainer installs are given back afterwards."""
+    from diffmoe_dist.train import main as train_main
+
+    argv = ["--config", str(config), "--set", f"run.dir={run_dir}", "--set", "run.progress=false"]
+    for o in overrides:
+        argv += ["--set", o]
+    with restored_signal_handlers():
+        return train_main(argv)

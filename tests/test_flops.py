@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers_run import TINY, read_metrics, restored_signal_handlers  # noqa: E402
+from helpers_run import read_metrics, train_in_process  # noqa: E402
 
 from diffmoe_dist.config import ModelConfig, MoEConfig  # noqa: E402
 from diffmoe_dist.flops import (  # noqa: E402
@@ -27,7 +27,6 @@ from diffmoe_dist.flops import (  # noqa: E402
     train_flops_per_sample,
 )
 from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
-from diffmoe_dist.train import main as train_main  # noqa: E402
 
 MODEL = ModelConfig(
     input_size=8, in_channels=3, patch_size=2, depth=4, hidden_size=32, num_heads=2, num_classes=10
@@ -105,10 +104,8 @@ def test_peak_lookup() -> None:
 def test_trainer_logs_tflops_and_mfu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A real run of tiny.yaml with a declared peak: tflops_per_rank and mfu follow from samples_per_s.
     d = tmp_path / "run"
-    argv = ["--config", str(TINY), "--set", f"run.dir={d}", "--set", "run.progress=false"]
-    argv += ["--set", "train.steps=3", "--set", "train.peak_tflops=0.002"]
-    with restored_signal_handlers():
-        assert train_main(argv) == 0, capsys.readouterr().err[-2000:]
+    rc = train_in_process(d, "train.steps=3", "train.peak_tflops=0.002")
+    assert rc == 0, capsys.readouterr().err[-2000:]
     from diffmoe_dist.config import load_config
 
     cfg = load_config(d / "config.yaml")
@@ -123,17 +120,11 @@ def test_trainer_logs_tflops_and_mfu(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_no_mfu_without_a_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "run"
-    argv = ["--config", str(TINY), "--set", f"run.dir={d}", "--set", "run.progress=false"]
-    argv += ["--set", "train.steps=1"]
-    with restored_signal_handlers():
-        assert train_main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert train_in_process(d, "train.steps=1") == 0, capsys.readouterr().err[-2000:]
     (r,) = read_metrics(d)
     assert r["tflops_per_rank"] > 0 and "mfu" not in r
 
 
 def test_negative_peak_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--config", str(TINY), "--set", f"run.dir={tmp_path / 'r'}"]
-    argv += ["--set", "train.peak_tflops=-1"]
-    with restored_signal_handlers():
-        assert train_main(argv) == 2
+    assert train_in_process(tmp_path / "r", "train.peak_tflops=-1") == 2
     assert "train.peak_tflops" in capsys.readouterr().err

@@ -11,11 +11,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-from helpers_run import TINY, read_metrics, restored_signal_handlers  # noqa: E402
+from helpers_run import TINY, read_metrics, train_in_process  # noqa: E402
 from make_synthetic_latents import main as make_main  # noqa: E402
 
 from diffmoe_dist.data import LatentShardDataset  # noqa: E402
-from diffmoe_dist.train import main as train_main  # noqa: E402
 
 
 def test_shards_follow_the_config_and_train(
@@ -36,10 +35,8 @@ def test_shards_follow_the_config_and_train(
     assert torch.equal(x, x2) and torch.equal(y, y2)  # same seed, same data
     # the trainer takes them as a latent dataset
     run = tmp_path / "run"
-    argv = ["--config", str(TINY), "--set", f"run.dir={run}", "--set", "run.progress=false"]
-    argv += ["--set", "train.steps=2", "--set", "data.name=latents", "--set", f"data.path={a}"]
-    with restored_signal_handlers():
-        assert train_main(argv) == 0, capsys.readouterr().err[-2000:]
+    rc = train_in_process(run, "train.steps=2", "data.name=latents", f"data.path={a}")
+    assert rc == 0, capsys.readouterr().err[-2000:]
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 

@@ -29,10 +29,10 @@ from helpers_run import (
     latest_checkpoint,
     losses,
     read_metrics,
-    restored_signal_handlers,
     run_train,
     signal_workers,
     start_train,
+    train_in_process,
     wait_for_step,
 )
 
@@ -259,11 +259,7 @@ def _assert_clear_error(rc: int, stderr: str, *words: str) -> None:
 
 
 def _main(capsys: pytest.CaptureFixture[str], run_dir: Path, *overrides: str, config=TINY):
-    argv = ["--config", str(config), "--set", f"run.dir={run_dir}", "--set", "run.progress=false"]
-    for o in overrides:
-        argv += ["--set", o]
-    with restored_signal_handlers():
-        rc = train_main(argv)
+    rc = train_in_process(run_dir, *overrides, config=config)
     return rc, capsys.readouterr()
 
 

@@ -3,7 +3,9 @@
 Variants of EQUAL activated compute share one preset config (configs/reproduce_routing*.yaml) and
 differ only in ``moe.mode``: Dense (plain FFN), TC (token choice top-1 + Switch loss), EC (expert
 choice within each image), DiffMoE (expert choice over a pool of ``pool_samples`` images), all with
-E and C from the preset; extra DiffMoE variants differ only in ``moe.pool_samples`` (the pool sweep).
+E and C from the preset; extra DiffMoE variants differ only in ``moe.pool_samples`` (the pool sweep)
+or only in ``moe.num_experts`` (the expert-count sweep, the paper's E2/E4/E8/E16 at small scale:
+activated compute stays that of one dense FFN per token since k = floor(S * C / E)).
 Each variant trains once per seed (``train.seed`` = data order, init, noise), as a subprocess
 (``python -m diffmoe_dist.train``, or ``torchrun`` with ``nproc > 1``), and is then evaluated in a
 second subprocess (``python -m diffmoe_dist.reproduce RUN_DIR ...``) on the EMA weights:
@@ -73,19 +75,24 @@ def png_name(tag: str) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One trained model family: a routing mode (and, for DiffMoE, a pool size)."""
+    """One trained model family: a routing mode (and, for DiffMoE, a pool size and expert count)."""
 
     mode: str
     pool_samples: int
     sweep: bool = False  # an extra pool size of the pool sweep (not the preset's)
+    num_experts: int = 0  # > 0: an extra expert count of the expert sweep (not the preset's)
 
     @property
     def key(self) -> str:
+        if self.num_experts:
+            return f"diffmoe_e{self.num_experts}"
         return f"diffmoe_p{self.pool_samples}" if self.sweep else self.mode
 
     @property
     def label(self) -> str:
         name = MODE_NAMES[self.mode]
+        if self.num_experts:
+            return f"{name} E={self.num_experts} P={self.pool_samples}"
         return f"{name} P={self.pool_samples}" if self.mode == "diffmoe" else name
 
     @property
@@ -103,6 +110,7 @@ class StudySpec:
     seeds: int = 3
     steps: int | None = None  # None: the preset's train.steps
     pool_sweep: tuple[int, ...] = ()  # extra DiffMoE pool sizes
+    expert_sweep: tuple[int, ...] = ()  # extra DiffMoE expert counts
     nproc: int = 1
     ep: int = 1
     jobs: int = 1  # runs trained/evaluated at the same time
@@ -141,22 +149,29 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def variants(spec: StudySpec, preset_pool: int) -> list[Variant]:
+def variants(spec: StudySpec, preset_pool: int, preset_experts: int = 0) -> list[Variant]:
     bad = [m for m in spec.modes if m not in MODES]
     if bad or not spec.modes:
         raise ValueError(f"--modes: {bad or 'none given'}; choose from {', '.join(MODES)}")
     out = [Variant(m, preset_pool) for m in MODES if m in spec.modes]
     out += [Variant("diffmoe", p, sweep=True) for p in spec.pool_sweep if p != preset_pool]
+    out += [
+        Variant("diffmoe", preset_pool, num_experts=e)
+        for e in spec.expert_sweep
+        if e != preset_experts
+    ]
     return out
 
 
 def run_overrides(spec: StudySpec, v: Variant, seed: int, run_dir: Path) -> list[str]:
     # A dense FFN has no experts to shard: with nproc > 1 it trains data-parallel (ep = 1).
     ep = 1 if v.mode == "dense" else spec.ep
+    experts = [f"moe.num_experts={v.num_experts}"] if v.num_experts else []
     return [
         *spec.base_overrides(),
         f"moe.mode={v.mode}",
         f"moe.pool_samples={v.pool_samples}",
+        *experts,
         f"train.seed={seed}",
         f"parallel.ep={ep}",
         f"run.dir={run_dir}",
@@ -587,7 +602,7 @@ def run_study(spec: StudySpec) -> list[Row]:
     if spec.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {spec.jobs}")
     base = load_config(spec.config, spec.base_overrides())
-    vs = variants(spec, base.moe.pool_samples)
+    vs = variants(spec, base.moe.pool_samples, base.moe.num_experts)
     params = {}
     for v in vs:  # every layout checked before the first run starts
         cfg = resolve(spec, v, 0, spec.work_dir / v.key / "seed0")

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "reproduce_routing.py"
@@ -22,6 +23,7 @@ TINY = [
     "--set", "model.depth=2", "--set", "model.hidden_size=32",
     "--set", "moe.pool_samples=16", "--set", "train.global_batch_size=16",
     "--num-samples", "20", "--sample-steps", "2", "--heldout-samples", "32",
+    "--experts", "4,8",  # the expert sweep: E = 4 next to the preset's E = 8 (8 is not repeated)
 ]  # fmt: skip
 
 
@@ -57,6 +59,9 @@ def test_tiny_study_writes_table_and_plot(
         ("DiffMoE P=16", "static top-k"),
         ("DiffMoE P=16", "dynamic (predictor)"),
         ("DiffMoE P=16", "independent"),
+        ("DiffMoE E=4 P=16", "static top-k"),
+        ("DiffMoE E=4 P=16", "dynamic (predictor)"),
+        ("DiffMoE E=4 P=16", "independent"),
     ]
     for r in rows:
         for cell in r[2:6]:  # fd, accuracy, held-out loss, C_infer: "mean ± std"
@@ -64,8 +69,11 @@ def test_tiny_study_writes_table_and_plot(
             assert math.isfinite(mean) and std == 0.0  # one seed
         assert r[6] == rows[0][6]  # activated params: equal compute
         assert float(r[8]) > 0 and r[9] == "1"
-    static_c = float(rows[1][5].split("±")[0])
-    assert static_c == pytest.approx(1.0)  # static top-k at C = 1
+    for i in (1, 4):  # static top-k at C = 1, E = 8 and E = 4
+        assert float(rows[i][5].split("±")[0]) == pytest.approx(1.0)
+    assert float(rows[4][7].rstrip("M")) < float(rows[1][7].rstrip("M"))  # E=4: fewer total params
+    run_cfg = yaml.safe_load((work / "diffmoe_e4" / "seed0" / "config.yaml").read_text())
+    assert run_cfg["moe"]["num_experts"] == 4
     assert "python tools/reproduce_routing.py --seeds 1" in md
     assert re.search(r"torch 2\.\d+", md) and "git commit" in md
     assert "DiffMoE P=16 static top-k > Dense-DiT" in md  # the orderings table
@@ -74,7 +82,7 @@ def test_tiny_study_writes_table_and_plot(
     (out / "reproduction.md").write_text("# Title\n\nMY READING\n\n" + md + "\nTAIL NOTE\n")
     rc, stdout, stderr = _run([*TINY, "--out", str(out), "--work-dir", str(work)], capsys)
     assert rc == 0, stderr[-3000:]
-    assert "[train]" not in stdout and stdout.count("[reuse]") == 2
+    assert "[train]" not in stdout and stdout.count("[reuse]") == 3
     md2 = (out / "reproduction.md").read_text()
     assert "MY READING" in md2 and "TAIL NOTE" in md2 and md2.count("## Results (generated)") == 1
 
@@ -92,6 +100,25 @@ def test_layout_errors_before_training(tmp_path: Path) -> None:
         out_dir=tmp_path,
     )
     with pytest.raises(ValueError, match="pool_samples=48"):
+        run_study(spec)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_expert_sweep_ep_must_divide_each_count(tmp_path: Path) -> None:
+    """--experts 2 with --ep 4 is refused while planning, naming the keys and numbers."""
+    from diffmoe_dist.reproduce import StudySpec, run_study
+
+    spec = StudySpec(
+        modes=("diffmoe",),
+        seeds=1,
+        nproc=4,
+        ep=4,
+        expert_sweep=(2, 4),
+        overrides=("train.global_batch_size=256",),
+        work_dir=tmp_path / "runs",
+        out_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"parallel.ep=4 does not divide moe.num_experts=2"):
         run_study(spec)
     assert not (tmp_path / "runs").exists()
 

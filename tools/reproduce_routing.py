@@ -11,9 +11,12 @@ docs/reproduction.png. Hand-written text around the generated section of the .md
     python tools/reproduce_routing.py --nproc 2 --ep 2 --modes diffmoe --pool-samples 16,32 --tag pool
       (pools of 64 span both ranks; the sweep gets its own section and reproduction_pool.png)
     python tools/reproduce_routing.py --seeds 1 --steps 50 --modes dense,diffmoe --out /tmp/r
+    python tools/reproduce_routing.py --modes diffmoe --experts 2,4,8,16 --tag experts
+      (the expert-count sweep: DiffMoE with E = 2, 4, 8, 16 at equal activated compute)
 
 --pool-samples P1,P2 adds DiffMoE variants with those pool sizes (equal everything else); the
-preset's pool is always the main DiffMoE row. With --nproc N the training runs under torchrun
+preset's pool is always the main DiffMoE row. --experts E1,E2 adds DiffMoE variants with those
+expert counts (the preset's E is the main row; --ep must divide each). With --nproc N the training runs under torchrun
 (gloo on CPU), expert-parallel degree --ep (Dense trains data-parallel: it has no experts).
 Evaluation always runs on one process. Finished runs under --work-dir are reused by a rerun with
 identical settings.
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     p.add_argument(
         "--pool-samples", default="", help="extra DiffMoE pool sizes, e.g. 16,128 (the sweep)"
+    )
+    p.add_argument(
+        "--experts", default="", help="extra DiffMoE expert counts, e.g. 2,4,8,16 (the sweep)"
     )
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the MoE runs")
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds=args.seeds,
             steps=args.steps,
             pool_sweep=parse_int_list(args.pool_samples, "--pool-samples"),
+            expert_sweep=parse_int_list(args.experts, "--experts"),
             nproc=args.nproc,
             ep=args.ep,
             jobs=args.jobs or (2 if args.nproc == 1 else 1),

@@ -28,7 +28,7 @@ def _build_registry() -> dict[str, dict[str, Any]]:
         arch = {"depth": depth, "hidden_size": width, "num_heads": heads}
         reg[f"Dense-DiT-{size}"] = {"model": arch, "moe": {"mode": "dense"}}
         for family, mode in FAMILIES.items():
-            for e in (8, 16):
+            for e in (2, 4, 8, 16):
                 reg[f"{family}-{size}-E{e}"] = {
                     "model": arch,
                     "moe": {"mode": mode, "num_experts": e},

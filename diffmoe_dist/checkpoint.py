@@ -13,8 +13,16 @@ How it stays consistent:
   under the new layout, so world 2 / ep 2 resumes at world 4 / ep 4 or world 1 / ep 1 unchanged.
 - All ranks write into ``.tmp-step-XXXXXXXX``; rank 0 then writes the manifest and renames the
   directory to ``step-XXXXXXXX`` (a rename is atomic): a checkpoint is complete or not there at all.
-- On load, rank 0 verifies the newest checkpoint against its manifest; a truncated or corrupted one
-  is skipped with a warning naming the file, and the previous good one is used.
+- On load, the newest checkpoint is verified against its manifest (every file's size and sha256); a
+  truncated or corrupted one is skipped with a warning naming the file, and the previous good one is
+  used. Training resume and every reader (sample, eval, sweep, studies) go through the same
+  ``latest_verified``.
+
+Readers never write: ``latest_verified`` / ``load_for_reading`` open files read-only and never
+create, delete or lock anything under ``checkpoints/``, so sampling a live run cannot disturb the
+trainer. Only the trainer that holds the run (its lock, trainer/trainer.py) writes there: it
+publishes, prunes, and removes the ``.tmp-*`` directories of saves that died
+(``CheckpointManager.remove_stale_saves``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from diffmoe_dist.config import Config, config_hash_fields
 from diffmoe_dist.fsutil import atomic_write_json, fsync_dir, sha256_file
@@ -152,6 +161,178 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / "manifest.json").read_text())["meta"]
 
 
+def _warn_skipped(path: Path, problem: str) -> None:
+    log.warning("skipping checkpoint %s: %s", path, problem)
+    warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=3)
+
+
+def latest_verified(ckpt_root: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint under ``ckpt_root`` (a run's ``checkpoints/``) that matches its manifest.
+
+    Read-only: never writes, deletes or locks anything, so it is safe against a live trainer. A bad
+    checkpoint (missing manifest, a file truncated or with another sha256) is skipped with a warning
+    naming the file and the previous one is tried; None when no checkpoint verifies. One process:
+    with several ranks, rank 0 decides and broadcasts (``load_for_reading`` does).
+    """
+    for path in list_checkpoints(ckpt_root):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if path.exists():  # a checkpoint pruned by the trainer while we looked is not "bad"
+            _warn_skipped(path, problem)
+    return None
+
+
+def require_verified(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a checkpoint that matches its manifest, else ValueError naming the bad file."""
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint '{path}' does not verify: {problem}")
+    return path
+
+
+def no_verified_checkpoint_message(ckpt_root: str | os.PathLike[str]) -> str:
+    """Why ``latest_verified`` found nothing: no checkpoint at all, or each one's problem."""
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        return f"no checkpoint under '{ckpt_root}'"
+    bad = "; ".join(f"{p.name}: {verify_checkpoint(p) or 'ok now'}" for p in found)
+    return f"no checkpoint under '{ckpt_root}' verifies ({bad})"
+
+
+def check_compatible(path: Path, cfg: Config) -> dict[str, Any]:
+    """The checkpoint's meta; ValueError when it is from another model or another pool size."""
+    meta = read_meta(path)
+    mine = config_hash_fields(cfg)
+    theirs = meta.get("model_fields", {})
+    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} is from another model ({detail})")
+    old_pool = meta.get("pool_samples")
+    if old_pool != cfg.moe.pool_samples and cfg.moe.mode in ("diffmoe", "tc"):
+        if not cfg.train.allow_pool_change:
+            raise ValueError(
+                f"checkpoint {path} was trained with moe.pool_samples={old_pool}, the config says "
+                f"{cfg.moe.pool_samples}: the pool is part of the model. Set "
+                "train.allow_pool_change=true to resume anyway."
+            )
+        log.warning(
+            "resuming with moe.pool_samples %s -> %s (allowed)", old_pool, cfg.moe.pool_samples
+        )
+    return meta
+
+
+def _state(
+    model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer | None
+) -> dict[str, torch.Tensor]:
+    state = model_state(model, "model.")
+    if ema is not None:
+        state.update(model_state(ema, "ema."))
+    if optimizer is not None:
+        state.update(optimizer_state(model, optimizer))
+    return state
+
+
+def load_checkpoint(
+    path: Path,
+    cfg: Config,
+    model: nn.Module,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Restore ``path`` into the (already parallelized) modules; read-only; returns its meta.
+
+    Every rank of ``group`` calls it; each loads exactly the experts it holds under the current
+    layout. The RNG state is restored only when the world size is the one it was saved at.
+    """
+    meta = check_compatible(path, cfg)
+    views = _state(model, ema, optimizer)
+    # Load into fresh buffers, then copy: expert views are slices of the stacked parameters.
+    target = {k: torch.empty_like(v) for k, v in views.items()}
+    same_world = meta["layout"]["world_size"] == world_size
+    if same_world:
+        target[f"rng.rank{rank}"] = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=str(path), process_group=group)
+    with torch.no_grad():
+        for k, v in views.items():
+            v.copy_(target[k])
+    if same_world:
+        torch.set_rng_state(target[f"rng.rank{rank}"])
+    return meta
+
+
+def _agree(path: Path | None, rank: int, group: dist.ProcessGroup | None) -> Path | None:
+    """Rank 0's answer on every rank (ranks could otherwise see different 'latest' checkpoints)."""
+    box: list[str | None] = [str(path) if path is not None else None]
+    if group is not None:
+        dist.broadcast_object_list(box, src=0, group=group)
+    return Path(box[0]) if box[0] else None
+
+
+def load_for_reading(
+    path: Path,
+    cfg: Config,
+    model: nn.Module,
+    ema: nn.Module | None,
+    rank: int = 0,
+    world_size: int = 1,
+    group: dist.ProcessGroup | None = None,
+    follow_latest: bool = False,
+    attempts: int = 5,
+) -> tuple[Path, dict[str, Any]]:
+    """Load a verified checkpoint for inference without writing anything; returns (path, meta).
+
+    ``path`` comes from ``latest_verified`` or ``require_verified``; rank 0's path is used on every
+    rank. A live trainer prunes old checkpoints (keep-k), so a checkpoint can vanish while it is
+    read: with ``follow_latest`` (the caller asked for "the run's latest") the newest checkpoint that
+    verifies is taken instead, up to ``attempts`` times; otherwise, or when none is left, ValueError
+    naming the checkpoint. Bytes read come only from files that verified: published checkpoints are
+    never modified, only removed.
+    """
+    current = _agree(path, rank, group)
+    for _ in range(attempts):
+        assert current is not None
+        error: str | None = None
+        try:
+            meta = load_checkpoint(current, cfg, model, ema, None, rank, world_size, group)
+        except (OSError, CheckpointException) as e:  # CheckpointException is a BaseException
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        errors = [error]
+        if group is not None:  # objects, not tensors: works on gloo and nccl groups alike
+            errors = [None] * dist.get_world_size(group)
+            dist.all_gather_object(errors, error, group=group)
+        if all(e is None for e in errors):
+            return current, meta
+        error = next(e for e in errors if e is not None)
+        vanished = _agree(
+            current if not (current / "manifest.json").exists() else None, rank, group
+        )
+        if vanished is None:
+            raise ValueError(f"could not read checkpoint {current}: {error}")
+        if not follow_latest:
+            raise ValueError(
+                f"checkpoint {current} was removed while it was read (pruned by the trainer?)"
+            )
+        log.warning("checkpoint %s was removed while it was read; taking the newest again", current)
+        nxt = latest_verified(current.parent) if rank == 0 else None
+        current = _agree(nxt, rank, group)
+        if current is None:
+            raise ValueError(
+                f"checkpoint {vanished} was removed while it was read and no checkpoint under "
+                f"{vanished.parent} verifies any more"
+            )
+    raise ValueError(
+        f"checkpoints under {path.parent} kept vanishing while read ({attempts} tries)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # manager
 
@@ -178,23 +359,19 @@ class CheckpointManager:
         )
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+
+    def remove_stale_saves(self) -> None:
+        """Rank 0 deletes ``.tmp-*`` saves that died half-way. Only the trainer that holds the run's
+        lock may call this: a reader doing it would delete a live trainer's checkpoint in progress."""
+        if self.rank == 0:
             for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a save that died half-way
+                shutil.rmtree(stale, ignore_errors=True)
         self._barrier()
 
     def _barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
-
-    def _state(
-        self, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, torch.Tensor]:
-        state = model_state(model, "model.")
-        if ema is not None:
-            state.update(model_state(ema, "ema."))
-        if optimizer is not None:
-            state.update(optimizer_state(model, optimizer))
-        return state
 
     def save(
         self,
@@ -211,7 +388,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        state = self._state(model, ema, optimizer)
+        state = _state(model, ema, optimizer)
         state[f"rng.rank{self.rank}"] = torch.get_rng_state()
         with warnings.catch_warnings():
             warnings.simplefilter(
@@ -250,43 +427,10 @@ class CheckpointManager:
 
     def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest checkpoint that matches its manifest; every rank gets the answer."""
-        choice: list[str | None] = [None]
-        if self.rank == 0:
-            for path in list_checkpoints(self.root):
-                problem = verify_checkpoint(path)
-                if problem is None:
-                    choice[0] = str(path)
-                    break
-                log.warning("skipping checkpoint %s: %s", path, problem)
-                warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
-        if self.group is not None:
-            dist.broadcast_object_list(choice, src=0, group=self.group)
-        return Path(choice[0]) if choice[0] else None
+        return _agree(latest_verified(self.root) if self.rank == 0 else None, self.rank, self.group)
 
     def check_compatible(self, path: Path) -> dict[str, Any]:
-        meta = read_meta(path)
-        mine = config_hash_fields(self.cfg)
-        theirs = meta.get("model_fields", {})
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            detail = ", ".join(
-                f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items()
-            )
-            raise ValueError(f"checkpoint {path} is from another model ({detail})")
-        old_pool = meta.get("pool_samples")
-        if old_pool != self.cfg.moe.pool_samples and self.cfg.moe.mode in ("diffmoe", "tc"):
-            if not self.cfg.train.allow_pool_change:
-                raise ValueError(
-                    f"checkpoint {path} was trained with moe.pool_samples={old_pool}, the config says "
-                    f"{self.cfg.moe.pool_samples}: the pool is part of the model. Set "
-                    "train.allow_pool_change=true to resume anyway."
-                )
-            log.warning(
-                "resuming with moe.pool_samples %s -> %s (allowed)",
-                old_pool,
-                self.cfg.moe.pool_samples,
-            )
-        return meta
+        return check_compatible(path, self.cfg)
 
     def load(
         self,
@@ -296,19 +440,6 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer | None,
     ) -> dict[str, Any]:
         """Restore into the (already parallelized) modules; returns the checkpoint's meta."""
-        meta = self.check_compatible(path)
-        views = self._state(model, ema, optimizer)
-        # Load into fresh buffers, then copy: expert views are slices of the stacked parameters.
-        target = {k: torch.empty_like(v) for k, v in views.items()}
-        same_world = meta["layout"]["world_size"] == self.world_size
-        if same_world:
-            target[f"rng.rank{self.rank}"] = torch.get_rng_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(target, checkpoint_id=str(path), process_group=self.group)
-        with torch.no_grad():
-            for k, v in views.items():
-                v.copy_(target[k])
-        if same_world:
-            torch.set_rng_state(target[f"rng.rank{self.rank}"])
-        return meta
+        return load_checkpoint(
+            path, self.cfg, model, ema, optimizer, self.rank, self.world_size, self.group
+        )

@@ -59,7 +59,9 @@ def evaluate_checkpoint(
         check_paths(ref, inception)  # before minutes of sampling
     labels = class_labels(cfg, None)
     info = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-    images, report = sample_from_checkpoint(cfg, ckpt, labels, info, vae)
+    images, report = sample_from_checkpoint(
+        cfg, ckpt, labels, info, vae, follow_latest=not checkpoint
+    )
     if images is None:
         return None
     if cfg.data.name == "digits":

@@ -336,7 +336,7 @@ def evaluate_run(
     run_dir: Path, rules: Sequence[str], overrides: Sequence[str], heldout_samples: int
 ) -> dict[str, dict[str, Any]]:
     """{rule: {accuracy, fd, c_infer, heldout_loss, ...}} for the run's latest checkpoint (EMA)."""
-    from diffmoe_dist.checkpoint import CheckpointManager
+    from diffmoe_dist.checkpoint import load_for_reading
     from diffmoe_dist.evaluate import evaluate_checkpoint
     from diffmoe_dist.models.dit import DiffMoE
     from diffmoe_dist.parallel.distributed import cleanup
@@ -351,7 +351,7 @@ def evaluate_run(
     ps = build_parallel_state(_sampling_layout(cfg, 1), 1, 0)
     model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
     ema = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
-    CheckpointManager(ckpt.parent.parent, cfg, 0, 1, ps.world_group).load(ckpt, model, ema, None)
+    ckpt, _ = load_for_reading(ckpt, cfg, model, ema, follow_latest=True)
     net = (ema if cfg.sample.use_ema else model).to(device).eval()
     data = heldout_set(cfg.model.input_size, heldout_samples)
     # The held-out loss runs whole training pools (DiffMoE) so static top-k sees the training S.

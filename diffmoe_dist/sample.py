@@ -31,7 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from diffmoe_dist.checkpoint import CheckpointManager, list_checkpoints, read_meta
+from diffmoe_dist.checkpoint import (
+    latest_verified,
+    load_for_reading,
+    no_verified_checkpoint_message,
+    read_meta,
+    require_verified,
+)
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.distributed import cleanup, init_distributed
@@ -94,19 +100,20 @@ class CapacityMeter:
 
 
 def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> Path:
+    """``--checkpoint`` if it verifies, else the newest checkpoint of ``--run-dir`` that verifies.
+
+    Read-only (checkpoint.latest_verified): safe while a trainer is writing the run. A bad
+    checkpoint is skipped with a warning naming the file; ValueError when none verifies.
+    """
     if checkpoint:
-        path = Path(checkpoint)
-        if not (path / "manifest.json").is_file():
-            raise ValueError(
-                f"checkpoint '{path}' has no manifest.json (not a complete checkpoint)"
-            )
-        return path
+        return require_verified(checkpoint)
     if not run_dir:
         raise ValueError("give --run-dir or --checkpoint")
-    found = list_checkpoints(Path(run_dir) / "checkpoints")
-    if not found:
-        raise ValueError(f"no checkpoint under '{run_dir}/checkpoints'")
-    return found[0]
+    root = Path(run_dir) / "checkpoints"
+    found = latest_verified(root)
+    if found is None:
+        raise ValueError(no_verified_checkpoint_message(root))
+    return found
 
 
 def load_sampling_config(ckpt: Path, overrides: list[str]) -> Config:
@@ -240,8 +247,13 @@ def sample_from_checkpoint(
     info: Any,
     vae_dir: str | None = None,
     parts_dir: Path | None = None,
+    follow_latest: bool = False,
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """All ranks take part; rank 0 gets (uint8 NHWC images [N, H, W, C], report), others (None, report).
+
+    The checkpoint is loaded read-only (checkpoint.load_for_reading; rank 0's ``ckpt`` on every
+    rank). ``follow_latest``: ``ckpt`` is "the run's latest", so when a live trainer prunes it while
+    it is read, the newest checkpoint that verifies is used instead (the report names the one used).
 
     data.name=latents decodes with the VAE in ``vae_dir`` (on every rank, batch by batch). With
     ``parts_dir`` (a directory every rank can reach) each batch is saved there as it finishes
@@ -267,7 +279,7 @@ def sample_from_checkpoint(
     ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
     model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
     ema = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
-    CheckpointManager(ckpt.parent.parent, cfg, rank, W, ps.world_group).load(ckpt, model, ema, None)
+    ckpt, _ = load_for_reading(ckpt, cfg, model, ema, rank, W, ps.world_group, follow_latest)
     net = (ema if cfg.sample.use_ema else model).to(info.device).eval()
     if cfg.moe.mode != "dense":
         net.set_inference(cfg.moe.infer_mode, cfg.moe.infer_capacity, cfg.moe.gamma)
@@ -433,7 +445,9 @@ def _read_parts(parts_dir: Path, n: int) -> tuple[np.ndarray, list[int], list[in
 def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
     parts = out / "parts"
-    images, report = sample_from_checkpoint(cfg, ckpt, labels, info, args.vae, parts)
+    images, report = sample_from_checkpoint(
+        cfg, ckpt, labels, info, args.vae, parts, follow_latest=not args.checkpoint
+    )
     if images is None:
         return 0
     n = len(images)

@@ -18,7 +18,7 @@ from dist_utils import run_distributed
 from helpers_run import TINY, restored_signal_handlers
 
 import diffmoe_dist.checkpoint as ckpt_mod
-from diffmoe_dist.checkpoint import CheckpointManager, list_checkpoints
+from diffmoe_dist.checkpoint import CheckpointManager, latest_verified, list_checkpoints
 from diffmoe_dist.config import load_config
 from diffmoe_dist.models.moe import StackedExperts
 from diffmoe_dist.parallel.distributed import DistInfo
@@ -87,8 +87,12 @@ def test_keep_latest_k_and_stale_tmp_ignored_and_cleaned(tmp_path: Path) -> None
     (stale / "manifest.json").write_text("{}")
     (stale / "__0_0.distcp").write_bytes(b"half")
     assert t.ckpt.latest_valid() == root / "step-00000004"
-    # ... and the next manager (the next start) removes it
+    # ... readers leave it alone (it could be a live trainer's save in progress) ...
+    assert latest_verified(root) == root / "step-00000004" and stale.exists()
     CheckpointManager(tmp_path, t.cfg, 0, 1, None, keep=2)
+    assert stale.exists()
+    # ... and the next trainer start (which holds the run) removes it
+    make_trainer(tmp_path, "train.keep_checkpoints=2")
     assert not stale.exists()
 
 

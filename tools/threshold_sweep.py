@@ -81,13 +81,20 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     info = init_distributed(base.parallel.backend, base.parallel.timeout_s)
     judge: Any = None
     rows: list[dict[str, Any]] = []
+    first = True
     for name, extra in settings(gammas, args.static_capacity):
         cfg = load_sampling_config(ckpt, [*args.set, *extra])
-        images, report = sample_from_checkpoint(cfg, ckpt, labels, info, args.vae)
+        # One checkpoint for every row: a live run's pruned checkpoint is replaced only before the
+        # first row (follow_latest), later rows use the one the first row loaded.
+        images, report = sample_from_checkpoint(
+            cfg, ckpt, labels, info, args.vae, follow_latest=not args.checkpoint and first
+        )
+        ckpt, first = Path(report["checkpoint"]), False
         if images is None:
             continue
         row: dict[str, Any] = {
             "setting": name,
+            "checkpoint": str(ckpt),
             "infer_mode": cfg.moe.infer_mode,
             "gamma": cfg.moe.gamma if cfg.moe.infer_mode == "gamma" else None,
             "c_infer": report["c_infer"],
@@ -184,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = sweep(args)
         if rows is None:
             return 0
-        ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
+        ckpt = (
+            Path(rows[0]["checkpoint"])
+            if rows
+            else resolve_checkpoint(args.run_dir, args.checkpoint)
+        )
         out = Path(args.out) if args.out else ckpt.parent.parent / "sweep"
         out.mkdir(parents=True, exist_ok=True)
         title = f"threshold sweep: {ckpt}"

@@ -99,6 +99,7 @@ class Trainer:
             self.ps.world_group,
             cfg.train.keep_checkpoints,
         )
+        self.ckpt.remove_stale_saves()  # ours to remove: this trainer holds the run
         self.metrics = MetricsLogger(
             self.run_dir, self.rank == 0, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()
         )

@@ -1,0 +1,151 @@
+"""A run directory is never damaged (issue 14): each case is caused for real on configs/tiny.yaml.
+
+- readers (diffmoe-sample / diffmoe-eval) verify what they load, fall back past a damaged latest
+  checkpoint with a warning naming the file, and never write, delete or lock anything in
+  ``checkpoints/`` (a stale ``.tmp-*`` save survives them);
+
+Readers run in this process through the CLIs' own main() (world 1) on copies of one trained run;
+the trainers they must not disturb are real subprocesses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_run import dir_fingerprint, run_train
+from torch.distributed.checkpoint import FileSystemReader
+
+from diffmoe_dist.evaluate import main as eval_main
+from diffmoe_dist.sample import main as sample_main
+
+FAST_SAMPLE = ["--set", "sample.num_samples=10", "--set", "sample.num_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 steps, a checkpoint every step, keep 3: step-00000002, -03, -04."""
+    d = tmp_path_factory.mktemp("safety") / "run"
+    run_train(d, "train.steps=4", "train.ckpt_every=1").check()
+    return d
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def flip_ema_expert_bytes(path: Path) -> Path:
+    """Flip bytes inside the EMA expert tensors of a checkpoint (same size): the issue's case 3.
+
+    Each item's byte range comes from DCP's own metadata (storage_data: item -> file, offset,
+    length); inside it, the tensor's raw float bytes are found and the high byte of every value is
+    flipped (sign and exponent), so the file still parses and only the weights are wrong.
+    """
+    md = FileSystemReader(str(path)).read_metadata()
+    hits = [
+        info
+        for idx, info in md.storage_data.items()
+        if idx.fqn.startswith("ema.") and ".experts." in idx.fqn
+    ]
+    assert hits, "no EMA expert tensors in the checkpoint"
+    f = path / hits[0].relative_path
+    data = bytearray(f.read_bytes())
+    for info in hits:
+        region = bytes(data[info.offset : info.offset + info.length])
+        raw = torch.load(io.BytesIO(region), weights_only=True).contiguous().numpy().tobytes()
+        at = info.offset + region.index(raw)
+        for i in range(at + 3, at + len(raw), 4):  # little-endian float32: byte 3 is sign+exponent
+            data[i] ^= 0x7F
+    size = f.stat().st_size
+    f.write_bytes(bytes(data))
+    assert f.stat().st_size == size
+    return f
+
+
+def truncate(f: Path) -> Path:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return f
+
+
+def sample(run: Path, out: Path, *extra: str) -> tuple[int, dict | None]:
+    rc = sample_main(["--run-dir", str(run), "--out", str(out), *FAST_SAMPLE, *extra])
+    report = out / "sample_report.json"
+    return rc, json.loads(report.read_text()) if report.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. readers verify; 1. readers never write in checkpoints/
+
+
+def test_sample_skips_flipped_latest_and_writes_nothing(trained: Path, tmp_path: Path) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    bad = flip_ema_expert_bytes(ckpt(run, 4))
+    # a save in progress (as a live trainer would have): a reader must not touch it
+    tmp = run / "checkpoints" / ".tmp-step-00000005"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"half written")
+    before = dir_fingerprint(run / "checkpoints")
+    with pytest.warns(UserWarning, match=str(bad)):
+        rc, report = sample(run, tmp_path / "out")
+    assert rc == 0 and report is not None
+    assert report["checkpoint"] == str(ckpt(run, 3))
+    assert dir_fingerprint(run / "checkpoints") == before  # nothing written, deleted or renamed
+    assert (tmp_path / "out" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_skips_truncated_latest(trained: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    bad = truncate(ckpt(run, 4) / "__0_0.distcp")
+    before = dir_fingerprint(run / "checkpoints")
+    with pytest.warns(UserWarning, match=f"{bad}.*truncated"):
+        rc = eval_main(["--run-dir", str(run), "--json", *FAST_SAMPLE])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["checkpoint"] == str(ckpt(run, 3))
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert dir_fingerprint(run / "checkpoints") == before
+
+
+def test_no_checkpoint_verifies_is_a_clean_error(trained: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    for step in (2, 3, 4):
+        truncate(ckpt(run, step) / ".metadata")
+    with pytest.warns(UserWarning):
+        rc, _ = sample(run, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "no checkpoint under" in err and "verifies" in err
+    for step in (2, 3, 4):
+        assert f"step-{step:08d}" in err
+
+
+def test_explicit_damaged_checkpoint_is_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    bad = flip_ema_expert_bytes(ckpt(run, 4))
+    rc = sample_main(
+        ["--checkpoint", str(ckpt(run, 4)), "--out", str(tmp_path / "o"), *FAST_SAMPLE]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "sha256" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_flipped_expert_bytes_would_change_the_model(trained: Path, tmp_path: Path) -> None:
+    """The damage the readers refuse is real: torch's own converter reads other EMA expert weights."""
+    from helpers_run import checkpoint_tensors
+
+    run = copy_run(trained, tmp_path / "run")
+    good = checkpoint_tensors(ckpt(run, 4))
+    flip_ema_expert_bytes(ckpt(run, 4))
+    damaged = checkpoint_tensors(ckpt(run, 4))
+    changed = [k for k in good if k.startswith("ema.") and not torch.equal(good[k], damaged[k])]
+    assert changed and all(".experts." in k for k in changed)

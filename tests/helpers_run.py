@@ -223,12 +223,17 @@ def checkpoint_tensors(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tens
 
 
 def dir_fingerprint(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
-    """{relative file: (size, mtime_ns)}: shows whether a failed start touched a run directory."""
+    """{relative file: (size, mtime_ns)}: shows whether a failed start touched a run directory.
+
+    The run's lock file (diffmoe_dist/runlock.py) is left out: any trainer start takes the lock and
+    writes its host / pid there first; that is the lock working, not run state."""
+    from diffmoe_dist.runlock import LOCK_NAME
+
     root = Path(path)
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 

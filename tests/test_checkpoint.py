@@ -92,6 +92,7 @@ def test_keep_latest_k_and_stale_tmp_ignored_and_cleaned(tmp_path: Path) -> None
     CheckpointManager(tmp_path, t.cfg, 0, 1, None, keep=2)
     assert stale.exists()
     # ... and the next trainer start (which holds the run) removes it
+    t.close()
     make_trainer(tmp_path, "train.keep_checkpoints=2")
     assert not stale.exists()
 
@@ -115,6 +116,7 @@ def test_crash_during_save_leaves_previous_checkpoint(
     root = tmp_path / "checkpoints"
     assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]
     assert t.ckpt.latest_valid() == root / "step-00000001"
+    t.close()  # the first trainer "died": the run directory is free again
     t2 = make_trainer(tmp_path)
     assert t2.step == 1 and not list(root.glob(".tmp-*"))
 
@@ -139,6 +141,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path: Path, damage: str, vict
     else:
         data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
+    t.close()
     with pytest.warns(UserWarning, match=re.escape(str(f))):
         t2 = make_trainer(tmp_path)
     assert t2.step == 1

@@ -107,6 +107,7 @@ def _resume(rank: int, world_size: int, tmp: str) -> dict:
     a = DeepSpeedTrainer(_cfg(f"{tmp}/split", *extra), di)
     first = _losses(a, 2)
     a.save()
+    a.close()  # one trainer per run directory: the first gives it back (as its process exit would)
     b = DeepSpeedTrainer(_cfg(f"{tmp}/split", *extra), di)
     assert b.step == 2
     second = _losses(b, STEPS - 2)

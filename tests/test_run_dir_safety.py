@@ -3,6 +3,8 @@
 - readers (diffmoe-sample / diffmoe-eval) verify what they load, fall back past a damaged latest
   checkpoint with a warning naming the file, and never write, delete or lock anything in
   ``checkpoints/`` (a stale ``.tmp-*`` save survives them);
+- one trainer per run directory: a second one is refused at once naming the holder, the first goes
+  on unharmed; kill -9 leaves no stale lock and the rerun resumes with each step logged once;
 
 Readers run in this process through the CLIs' own main() (world 1) on copies of one trained run;
 the trainers they must not disturb are real subprocesses.
@@ -13,13 +15,22 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_run import dir_fingerprint, run_train
+from helpers_run import (
+    dir_fingerprint,
+    kill_tree,
+    read_metrics,
+    run_train,
+    start_train,
+    wait_for_step,
+)
 from torch.distributed.checkpoint import FileSystemReader
 
+from diffmoe_dist.checkpoint import latest_verified, list_checkpoints, verify_checkpoint
 from diffmoe_dist.evaluate import main as eval_main
 from diffmoe_dist.sample import main as sample_main
 
@@ -149,3 +160,39 @@ def test_flipped_expert_bytes_would_change_the_model(trained: Path, tmp_path: Pa
     damaged = checkpoint_tensors(ckpt(run, 4))
     changed = [k for k in good if k.startswith("ema.") and not torch.equal(good[k], damaged[k])]
     assert changed and all(".experts." in k for k in changed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. one trainer per run directory; kill -9 leaves no stale lock
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [int(r["step"]) for r in read_metrics(run)]
+
+
+def test_second_trainer_refused_then_kill9_and_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = start_train(run, "train.steps=100000", "train.ckpt_every=1")
+    try:
+        at = wait_for_step(run, 3, first)
+        second = run_train(run, "train.steps=100000", "train.ckpt_every=1", timeout_s=120)
+        assert second.returncode == 2, second.stderr[-3000:]
+        err = second.stderr
+        assert "Traceback" not in err, err[-3000:]
+        for word in (str(run), f"pid {first.pid}", f"host {socket.gethostname()}", "trainer.lock"):
+            assert word in err, f"{word!r} not in: {err[-2000:]}"
+        # the first trainer goes on: more steps, and every published checkpoint verifies
+        wait_for_step(run, at + 2, first)
+        assert first.poll() is None
+        assert all(verify_checkpoint(c) is None for c in list_checkpoints(run / "checkpoints"))
+    finally:
+        kill_tree(first)  # kill -9 of its whole session, mid-step or mid-save
+    assert first.returncode == -9
+    resumed_from = latest_verified(run / "checkpoints")
+    assert resumed_from is not None
+    step = int(resumed_from.name.split("-")[1])
+    # no stale lock: the next trainer starts at once and resumes
+    res = run_train(run, f"train.steps={step + 2}", "train.ckpt_every=1").check()
+    assert f"at step {step}" in res.stdout
+    assert logged_steps(run) == list(range(1, step + 3))  # each step once, in order
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the holder cleaned the dead save

@@ -53,6 +53,7 @@ from diffmoe_dist.parallel.parallelize import (
     parallelize_model,
     reduce_thresholds,
 )
+from diffmoe_dist.runlock import RunDirLock
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption
 from diffmoe_dist.trainer.ema import update_ema
@@ -78,6 +79,7 @@ class Trainer:
         self.layout = validate_layout(cfg, self.world_size)
         self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
         self.run_dir = Path(cfg.run.dir)
+        self.run_lock = RunDirLock(self.run_dir)  # rank 0 holds it from here to the end of train()
         self._check_run_dir()
         # 2. data: the dataset defines channels / size / classes; they must match the model
         self.dataset = build_dataset(cfg)
@@ -132,14 +134,31 @@ class Trainer:
         return out
 
     def _check_run_dir(self) -> None:
+        """Rank 0 takes the run directory's lock (diffmoe_dist/runlock.py) before anything in it is
+        written; every rank raises the same ValueError when it cannot (held elsewhere, read-only)."""
+        problem: str | None = None
         if self.rank == 0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.run_lock.acquire()
                 probe = self.run_dir / ".write-test"
                 probe.write_text("ok")
                 probe.unlink()
+            except ValueError as e:
+                problem = str(e)
             except OSError as e:
-                raise ValueError(f"run.dir '{self.run_dir}' is not writable: {e}") from e
+                problem = f"run.dir '{self.run_dir}' is not writable: {e}"
+        if self.ps.world_group is not None:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0, group=self.ps.world_group)
+            problem = box[0]
+        if problem is not None:
+            self.run_lock.release()
+            raise ValueError(problem)
+
+    def close(self) -> None:
+        """Give the run directory back (the lock); the OS does it too when the process ends."""
+        self.run_lock.release()
 
     def _check_data_matches_model(self) -> None:
         m, d = self.cfg.model, self.dataset
@@ -299,6 +318,13 @@ class Trainer:
         return path
 
     def train(self) -> dict[str, Any]:
+        """Run to train.steps (or a preemption stop); the run directory's lock is given back after."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg.train
         total = cfg.steps
         bar = None

@@ -1,74 +1,196 @@
 #!/usr/bin/env bash
-# Idempotent installer: system packages (apt) that are missing, then this package in editable
-# mode with its test extras, with torch pinned by constraints.txt. Fast when everything is there:
-# apt is only touched for packages dpkg does not report as installed, and pip only runs when the
-# requirements declared in setup.py (read from the file, not from stale metadata) are unmet or the
-# editable install does not point at this checkout.
+# Idempotent installer. Which mode needs what:
+#
+#   tools/install.sh --venv .venv        NO root. Creates (or reuses) a virtual environment, then installs
+#                                        torch's CPU wheel (torch==2.13.0+cpu) and this package (editable,
+#                                        with its test extras) into it. `make demo` runs this. A venv is
+#                                        what avoids pip's PEP 668 "externally-managed-environment" on a
+#                                        distribution's python3. Needs `python3 -m venv` (Debian/Ubuntu:
+#                                        the python3-venv package) and a Python >= 3.11.
+#   tools/install.sh                     NO root. Into the environment $PYTHON already is (a conda env, a
+#                                        cluster module, your own venv, the NGC container): torch pinned to
+#                                        2.13.0, or with --keep-torch the torch that is already there (NGC,
+#                                        a site CUDA build) is pinned instead and never replaced.
+#   tools/install.sh --system-packages   ROOT or sudo. Also the apt packages that the SLURM and Docker
+#                                        tests start (slurmctld, slurmd, munge, docker.io, debootstrap).
+#                                        `make test` (and so CI, .ci/run) runs this, into $PYTHON.
+#
+#   --dry-run   decide as usual (what is missing is really checked) but change nothing; print each
+#               command that would run. tests/test_install.py uses it to prove the demo path never
+#               reaches apt or sudo.
+#
+# Fast when everything is there: apt is only touched for packages dpkg does not report as installed,
+# and pip only runs when the requirements declared in setup.py (read from the file, not from stale
+# metadata) are unmet or the editable install does not point at this checkout.
 #
 # Knobs (environment):
-#   SKIP_APT=1         skip the system-package step
-#   FORCE_PIP=1        run the pip install even when everything looks satisfied
-#   PYTHON=python3     interpreter to install into
-#   TORCH_INDEX_URL    extra index for torch==2.13.0 if it is missing (default: none; pip takes the
-#                      CPU wheel this machine image keeps on disk). On a machine without that wheel,
-#                      set it to the PyTorch CPU index so pip does not pull the multi-GB CUDA build.
+#   PYTHON=python3        interpreter to install into (modes without --venv)
+#   BASE_PYTHON=python3   interpreter that creates the venv (--venv)
+#   SKIP_APT=1            with --system-packages: skip the apt step anyway
+#   FORCE_PIP=1           run the pip install even when everything looks satisfied
+#   TORCH_REQ             the torch requirement to install when torch is absent or another version
+#                         (default: torch==2.13.0+cpu in a venv, so pip can never take PyPI's multi-GB
+#                         CUDA build there; torch==2.13.0 otherwise, as constraints.txt pins it)
+#   TORCH_INDEX_URL       extra index tried when pip's configured sources (pip.conf, PIP_FIND_LINKS) do
+#                         not hold TORCH_REQ (default: PyTorch's CPU index; a GPU venv wants e.g. its cu128
+#                         index together with TORCH_REQ=torch==2.13.0).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 
-PYTHON="${PYTHON:-python3}"
 TORCH_PIN="2.13.0"
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
 APT_PACKAGES=(slurmctld slurmd slurm-client munge docker.io debootstrap iproute2 procps)
 
 log() { echo "install.sh: $*"; }
-die() { echo "install.sh: ERROR: $*" >&2; exit 1; }
+die() {
+  echo "install.sh: ERROR: $*" >&2
+  exit 1
+}
 
-# ---- 1. system packages
-if [ "${SKIP_APT:-0}" = "1" ]; then
-  log "apt: skipped (SKIP_APT=1)"
-else
-  missing=()
-  for pkg in "${APT_PACKAGES[@]}"; do
-    # dpkg -s succeeds for removed-but-configured packages too; require "install ok installed".
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-      missing+=("$pkg")
-    fi
-  done
-  if [ "${#missing[@]}" -eq 0 ]; then
-    log "apt: all present (${APT_PACKAGES[*]})"
+VENV=""
+SYSTEM_PACKAGES=0
+KEEP_TORCH=0
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --venv)
+      [ $# -ge 2 ] && [ -n "$2" ] || die "--venv needs a directory (e.g. --venv .venv)"
+      VENV="$2"
+      shift 2
+      ;;
+    --venv=*)
+      VENV="${1#--venv=}"
+      [ -n "$VENV" ] || die "--venv needs a directory (e.g. --venv .venv)"
+      shift
+      ;;
+    --system-packages) SYSTEM_PACKAGES=1; shift ;;
+    --keep-torch) KEEP_TORCH=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *) die "unknown argument '$1' (see tools/install.sh --help)" ;;
+  esac
+done
+if [ -n "$VENV" ] && [ "$SYSTEM_PACKAGES" = "1" ]; then
+  die "--venv and --system-packages do not mix: the venv path (make demo) never touches the system"
+fi
+
+# Every command that changes something goes through run(): --dry-run prints it instead.
+run() {
+  if [ "$DRY_RUN" = "1" ]; then
+    log "would run: $*"
   else
-    SUDO=()
-    if [ "$(id -u)" -ne 0 ]; then
-      command -v sudo >/dev/null || die "apt packages missing (${missing[*]}) and not root, no sudo"
-      SUDO=(sudo)
+    "$@"
+  fi
+}
+
+# ---- 1. system packages (only with --system-packages, i.e. `make test`)
+if [ "$SYSTEM_PACKAGES" = "1" ]; then
+  log "system packages: the SLURM and Docker tests need ${APT_PACKAGES[*]} (apt; root or sudo)"
+  if [ "${SKIP_APT:-0}" = "1" ]; then
+    log "apt: skipped (SKIP_APT=1)"
+  else
+    missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+      # dpkg -s succeeds for removed-but-configured packages too; require "install ok installed".
+      if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+      fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+      log "apt: all present"
+    else
+      SUDO=()
+      if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || die "apt packages missing (${missing[*]}), not root and no sudo:" \
+          "run \`make test\` as root, or SKIP_APT=1 to skip them (the SLURM and Docker tests then fail)." \
+          "\`make demo\` needs none of them."
+        SUDO=(sudo)
+      fi
+      log "apt: installing ${missing[*]}"
+      run "${SUDO[@]}" apt-get update -qq
+      run "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}"
+      log "apt: installed ${missing[*]}"
     fi
-    log "apt: installing ${missing[*]}"
-    "${SUDO[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
-      "${missing[@]}"
-    log "apt: installed ${missing[*]}"
   fi
 fi
 
-# ---- 2. torch (CPU wheel) if absent: installing it through the deepspeed/megatron resolve
-#         would fetch the CUDA build from PyPI.
-command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found"
-"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
-  || die "$PYTHON is older than 3.11"
+# ---- 2. the interpreter: a venv in the checkout (no root), or the one given
+if [ -n "$VENV" ]; then
+  case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
+  BASE_PYTHON="${BASE_PYTHON:-python3}"
+  PYTHON="$VENV/bin/python"
+  TORCH_REQ="${TORCH_REQ:-torch==${TORCH_PIN}+cpu}"
+  TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+  if [ -x "$PYTHON" ] && "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+    log "venv: reusing $VENV ($("$PYTHON" --version 2>&1))"
+  elif [ -e "$VENV" ] && [ -n "$(ls -A "$VENV" 2>/dev/null)" ]; then
+    die "$VENV exists but holds no working Python >= 3.11 (made by an interpreter since removed?):" \
+      "remove it (rm -rf $VENV) and run again"
+  else
+    command -v "$BASE_PYTHON" >/dev/null || die "'$BASE_PYTHON' not found: set BASE_PYTHON to a Python >= 3.11"
+    "$BASE_PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+      || die "$BASE_PYTHON is older than 3.11: set BASE_PYTHON to a Python >= 3.11"
+    # Debian/Ubuntu split ensurepip out of python3 into python3-venv: check before creating anything.
+    "$BASE_PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+      || die "$BASE_PYTHON cannot create a venv with pip (no ensurepip). On Debian/Ubuntu an" \
+        "administrator installs it once: apt-get install python3-venv. Or set BASE_PYTHON to another" \
+        "Python >= 3.11 (pyenv, conda), or install into an environment you have (tools/install.sh" \
+        "without --venv, see README)."
+    log "venv: creating $VENV with $BASE_PYTHON ($("$BASE_PYTHON" --version 2>&1))"
+    run "$BASE_PYTHON" -m venv "$VENV"
+  fi
+else
+  PYTHON="${PYTHON:-python3}"
+  TORCH_REQ="${TORCH_REQ:-torch==$TORCH_PIN}"
+  TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+  command -v "$PYTHON" >/dev/null || die "python interpreter '$PYTHON' not found"
+  "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+    || die "$PYTHON is older than 3.11"
+fi
+if [ "$DRY_RUN" = "1" ] && [ ! -x "$PYTHON" ] && ! command -v "$PYTHON" >/dev/null; then
+  log "would install into the new venv: $TORCH_REQ, then -e .[test] under constraints.txt"
+  log "dry run: nothing changed"
+  exit 0
+fi
+
+# ---- 3. torch first, on its own: resolved through deepspeed / megatron-core it would be PyPI's CUDA
+#         build (GBs of nvidia-* wheels) on a machine that trains on CPU.
 # Metadata, not `import torch`: importing costs seconds and this runs on every `make test`.
 torch_version="$("$PYTHON" -c 'from importlib.metadata import version; print(version("torch"))' \
   2>/dev/null || true)"
-if [[ "$torch_version" != "$TORCH_PIN"* ]]; then
-  log "pip: torch is '${torch_version:-absent}', installing torch==$TORCH_PIN"
-  extra=()
-  [ -n "$TORCH_INDEX_URL" ] && extra=(--extra-index-url "$TORCH_INDEX_URL")
-  "$PYTHON" -m pip install -q -c constraints.txt "${extra[@]}" "torch==$TORCH_PIN"
+pins=(-c constraints.txt)
+if [ "$KEEP_TORCH" = "1" ]; then
+  [ -n "$torch_version" ] || die "--keep-torch: $PYTHON has no torch to keep"
+  keep="$(mktemp)"
+  trap 'rm -f "$keep"' EXIT
+  echo "torch==$torch_version" >"$keep"
+  # constraints.txt's own pin would conflict with a different kept torch: use only the kept one.
+  pins=(-c "$keep")
+  log "pip: keeping torch $torch_version (--keep-torch)"
+elif "$PYTHON" - "$torch_version" "$TORCH_REQ" <<'PY' 2>/dev/null; then
+import sys
+from packaging.requirements import Requirement
+sys.exit(0 if Requirement(sys.argv[2]).specifier.contains(sys.argv[1], prereleases=True) else 1)
+PY
+  log "pip: torch $torch_version already installed (satisfies $TORCH_REQ)"
 else
-  log "pip: torch $torch_version already installed"
+  log "pip: torch is '${torch_version:-absent}', installing $TORCH_REQ"
+  if [ "$DRY_RUN" = "1" ]; then
+    log "would run: $PYTHON -m pip install -q -c constraints.txt $TORCH_REQ"
+  elif ! "$PYTHON" -m pip install -q -c constraints.txt "$TORCH_REQ"; then
+    [ -n "$TORCH_INDEX_URL" ] || die "pip found no $TORCH_REQ (set TORCH_INDEX_URL to an index that has it)"
+    log "pip: not in pip's configured sources; trying $TORCH_INDEX_URL"
+    "$PYTHON" -m pip install -q -c constraints.txt --extra-index-url "$TORCH_INDEX_URL" "$TORCH_REQ" \
+      || die "could not install $TORCH_REQ: set TORCH_INDEX_URL to a reachable PyTorch CPU index or" \
+        "mirror, or PIP_FIND_LINKS to a folder holding torch-${TORCH_PIN}+cpu-*.whl"
+  fi
 fi
 
-# ---- 3. this package (editable) + test extras, only when something is unmet
+# ---- 4. this package (editable) + test extras, only when something is unmet
 check_installed() {
   "$PYTHON" - "$REPO" <<'PY'
 import json
@@ -76,8 +198,12 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import setuptools
-from packaging.requirements import Requirement
+try:
+    import setuptools
+    from packaging.requirements import Requirement
+except ImportError as e:  # a fresh venv has neither until the first install
+    print(f"install.sh:   unmet: {e.name} (needed to read setup.py) is not importable")
+    sys.exit(1)
 
 repo = Path(sys.argv[1]).resolve()
 # Run from the checkout, sys.path[0] would find a stray diffmoe_dist.egg-info here instead of
@@ -119,25 +245,40 @@ PY
 if [ "${FORCE_PIP:-0}" != "1" ] && check_installed; then
   log "pip: diffmoe-dist (editable) and all requirements already satisfied"
 else
-  log "pip: DS_BUILD_OPS=0 pip install -c constraints.txt -e .[test]"
-  DS_BUILD_OPS=0 "$PYTHON" -m pip install -q -c constraints.txt -e ".[test]"
-  check_installed || die "requirements still unmet after pip install"
+  log "pip: DS_BUILD_OPS=0 pip install ${pins[*]} -e .[test]"
+  run env DS_BUILD_OPS=0 "$PYTHON" -m pip install -q "${pins[@]}" -e ".[test]"
+  [ "$DRY_RUN" = "1" ] || check_installed || die "requirements still unmet after pip install"
   # pyenv only creates shims for new console scripts (diffmoe-demo, ...) on rehash.
-  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  if [ -z "$VENV" ] && command -v pyenv >/dev/null; then run pyenv rehash; fi
 fi
 
-# ---- 3b. torch-fidelity's InceptionV3 (FID) without its torchvision dependency: PyPI's torchvision
+# ---- 4b. torch-fidelity's InceptionV3 (FID) without its torchvision dependency: PyPI's torchvision
 #          does not import beside this torch, and the Inception module itself is pure torch.
 if ! "$PYTHON" -c 'from importlib.metadata import version; assert version("torch-fidelity") == "0.4.0"' 2>/dev/null; then
   log "pip: torch-fidelity==0.4.0 --no-deps"
-  "$PYTHON" -m pip install -q -c constraints.txt --no-deps "torch-fidelity==0.4.0"
+  run "$PYTHON" -m pip install -q "${pins[@]}" --no-deps "torch-fidelity==0.4.0"
 fi
 
-# ---- 4. verify: the torch pin survived, and the package imports from this checkout
-"$PYTHON" -c "import torch; assert torch.__version__.startswith('$TORCH_PIN'), torch.__version__" \
-  || die "torch is not $TORCH_PIN after install (something replaced it; see constraints.txt)"
+if [ "$DRY_RUN" = "1" ]; then
+  log "dry run: nothing changed"
+  exit 0
+fi
+
+# ---- 5. verify: the torch pin survived (a CPU build where one was asked for), and the package
+#         imports from this checkout
+if [ "$KEEP_TORCH" = "1" ]; then
+  want="$torch_version"
+else
+  want="$TORCH_PIN"
+fi
+"$PYTHON" -c "import torch; assert torch.__version__.startswith('$want'), torch.__version__" \
+  || die "torch is not $want after install (something replaced it; see constraints.txt)"
+if [[ "$TORCH_REQ" == *+cpu* ]] && [ "$KEEP_TORCH" != "1" ]; then
+  "$PYTHON" -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
+    || die "a CUDA torch is installed where $TORCH_REQ was asked for"
+fi
 (cd / && "$PYTHON" -c "import diffmoe_dist, pathlib, sys; \
 p = pathlib.Path(diffmoe_dist.__file__).resolve().parents[1]; \
 sys.exit(0 if p == pathlib.Path('$REPO').resolve() else f'diffmoe_dist imports from {p}, not $REPO')") \
   || die "diffmoe_dist does not import from $REPO"
-log "ok: torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), diffmoe_dist from $REPO"
+log "ok: torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), diffmoe_dist from $REPO (python: $PYTHON)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -21,6 +22,7 @@ import yaml
 ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
 INFER_MODES = ("static", "dynamic", "gamma", "independent")
 SAMPLERS = ("euler", "heun", "dopri5", "sde")
+LATENT_VERIFY_MODES = ("auto", "always", "never")  # data.verify, see data/latents.py
 
 
 @dataclass
@@ -89,6 +91,9 @@ class DataConfig:
     path: str = ""  # latents: directory with manifest.json
     image_size: int = 16  # digits are resized to this side
     hflip: bool = False  # paper: hflip on ImageNet; digits are not mirror symmetric
+    # latents: when shard sha256 checksums are checked. auto: all at start-up for a set of at most
+    # 4 GiB, else each shard on first read; always: all at start-up; never: sizes and headers only.
+    verify: str = "auto"
 
 
 @dataclass
@@ -187,12 +192,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; accept any float literal.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
+        else:
+            number = float(value)
+        # No key means nan or inf (`.nan`, `.inf` in YAML): refused here, not by torch mid-run.
+        if not math.isfinite(number):
+            raise ValueError(f"config key '{key}' = {value!r}; must be a finite number")
+        return number
     if typ is str:
         if not isinstance(value, str):
             raise ValueError(f"config key '{key}': expected a string, got {value!r}")
@@ -391,6 +401,12 @@ def validate(cfg: Config) -> None:
     _choice(t.precision, ("fp32", "bf16"), "train.precision")
     _choice(t.optimizer_impl, ("torch", "apex"), "train.optimizer_impl")
     _choice(cfg.data.name, ("digits", "latents"), "data.name")
+    _choice(cfg.data.verify, LATENT_VERIFY_MODES, "data.verify")
+    if not cfg.run.dir.strip():
+        raise ValueError(
+            "run.dir is empty: name the run directory (e.g. --set run.dir=runs/my-run); "
+            "use run.dir=. to mean the current directory"
+        )
     if cfg.data.name == "latents" and not cfg.data.path:
         raise ValueError("data.path must name a latent-shard directory when data.name='latents'")
     p = cfg.parallel

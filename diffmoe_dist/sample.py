@@ -116,6 +116,20 @@ def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> Path:
     return found
 
 
+def output_dir(ckpt: Path, out: str | None) -> Path:
+    """Where samples go: ``--out``, else ``<run>/samples`` for a checkpoint inside a run directory
+    (``<run>/checkpoints/<step>``). A checkpoint elsewhere has no run to write into: --out is required
+    (two levels up from it could be anything)."""
+    if out:
+        return Path(out)
+    if ckpt.resolve().parent.name != "checkpoints":
+        raise ValueError(
+            f"--checkpoint {ckpt} is not inside a run directory (<run>/checkpoints/<step>), so there "
+            "is no <run>/samples to write to: give --out DIR"
+        )
+    return ckpt.resolve().parent.parent / "samples"
+
+
 def load_sampling_config(ckpt: Path, overrides: list[str]) -> Config:
     """The checkpoint's own resolved config, with --set overrides (sample.*, moe.infer_*, parallel.*)."""
     data = read_meta(ckpt)["config"]
@@ -125,7 +139,13 @@ def load_sampling_config(ckpt: Path, overrides: list[str]) -> Config:
 def class_labels(cfg: Config, labels_arg: str | None) -> torch.Tensor:
     n, k = cfg.sample.num_samples, cfg.model.num_classes
     if labels_arg:
-        given = [int(v) for v in labels_arg.split(",")]
+        try:
+            given = [int(v) for v in labels_arg.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--labels {labels_arg!r}: expected comma-separated class indices (integers), "
+                "e.g. --labels 0,3,7"
+            ) from None
         bad = [v for v in given if not 0 <= v < k]
         if bad:
             raise ValueError(f"--labels: classes {bad} outside [0, {k})")
@@ -210,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run-dir", help="training run directory (its latest checkpoint is used)")
     p.add_argument("--checkpoint", help="a checkpoint directory (…/checkpoints/step-XXXXXXXX)")
-    p.add_argument("--out", help="output directory (default: <run-dir>/samples)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: <run>/samples of the checkpoint's run; required for a "
+        "--checkpoint outside a run directory)",
+    )
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC, arr_0)")
     p.add_argument("--labels", help="comma-separated class labels to cycle through")
     p.add_argument(
@@ -227,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
         cfg = load_sampling_config(ckpt, args.overrides)
         labels = class_labels(cfg, args.labels)
+        args.out = str(output_dir(ckpt, args.out))
     except ValueError as e:
         print(f"diffmoe-sample: error: {e}", file=sys.stderr)
         return 2
@@ -379,6 +404,9 @@ def _parts_prepare(parts_dir: Path, fingerprint: dict[str, Any], n: int, rank: i
         if run_file.is_file():
             old = json.loads(run_file.read_text())
             diff = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            if diff and not any(parts_dir.glob("part-*.npz")):
+                diff = []  # a run that stopped before its first part: nothing to keep or mix
+                run_file.write_text(json.dumps(fingerprint, indent=1))
             if diff:
                 raise ValueError(
                     f"{run_file}: these samples were made with different {diff}; use another --out "
@@ -443,7 +471,7 @@ def _read_parts(parts_dir: Path, n: int) -> tuple[np.ndarray, list[int], list[in
 
 
 def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else ckpt.parent.parent / "samples"
+    out = Path(args.out) if args.out else output_dir(ckpt, None)
     parts = out / "parts"
     images, report = sample_from_checkpoint(
         cfg, ckpt, labels, info, args.vae, parts, follow_latest=not args.checkpoint

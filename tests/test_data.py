@@ -197,7 +197,8 @@ def test_corrupt_shard_names_the_file(tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01  # one bit in the tensor payload; size unchanged
     shard.write_bytes(bytes(data))
-    ds = LatentShardDataset(tmp_path)  # sizes are fine; sha is checked on first use
+    # A set over the auto threshold (0 bytes here) is hashed shard by shard on first use.
+    ds = LatentShardDataset(tmp_path, verify="auto", auto_max_bytes=0)
     ds.get_batch(torch.tensor([0]), torch.tensor([False]))  # shard 0 is intact
     with pytest.raises(ValueError, match=r"shard-00001\.safetensors.*corrupt"):
         ds.get_batch(torch.tensor([12]), torch.tensor([False]))

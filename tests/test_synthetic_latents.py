@@ -47,7 +47,8 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not (out / "manifest.json").exists()
     assert make_main(["--out", str(out), "--count", "4", "--size", "4"]) == 0
     assert make_main(["--out", str(out), "--count", "4", "--size", "4"]) == 2  # exists already
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err  # names the flag, not the library's overwrite=True
+    assert "already holds a dataset" in err and "pass --overwrite" in err, err
     assert make_main(["--out", str(out), "--count", "4", "--size", "4", "--overwrite"]) == 0
     assert make_main(["--out", str(out), "--count", "4", "--config", "nope.yaml"]) == 2
     assert "nope.yaml" in capsys.readouterr().err

@@ -6,7 +6,7 @@
 #      DiffMoE-L-E16 through tools/scaling_study.py (one layout): samples/s, model TFLOP/s and MFU
 #      per GPU (diffmoe_dist/flops.py), peak memory, after WARMUP logged steps.
 #
-#   bash tools/gpu_numbers.sh OUT_DIR
+#   bash tools/gpu_numbers.sh OUT_DIR      (--help: this text)
 #
 # Everything is overridable from the environment (defaults in brackets): DEVICE [cuda], CONFIG
 # [configs/imagenet256/diffmoe_l_e16.yaml], MICRO [64] samples per step, STEPS [40], WARMUP [10],
@@ -16,7 +16,14 @@
 # tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).
 set -euo pipefail
 
-OUT=${1:?usage: bash tools/gpu_numbers.sh OUT_DIR}
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+case "${1:-}" in
+    -h | --help) usage; exit 0 ;;
+    "") echo "usage: bash tools/gpu_numbers.sh OUT_DIR (--help for the knobs)" >&2; exit 2 ;;
+    -*) echo "gpu_numbers: unknown option '$1'; usage: bash tools/gpu_numbers.sh OUT_DIR (--help)" >&2; exit 2 ;;
+esac
+[[ $# -eq 1 ]] || { echo "gpu_numbers: expected one argument OUT_DIR, got $#: $*" >&2; exit 2; }
+OUT=$1
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-configs/imagenet256/diffmoe_l_e16.yaml}
 MICRO=${MICRO:-64}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from diffmoe_dist.config import load_config  # noqa: E402
-from diffmoe_dist.data.latents import LatentShardWriter  # noqa: E402
+from diffmoe_dist.data.latents import MANIFEST_NAME, LatentShardWriter  # noqa: E402
 
 CHUNK = 1024  # samples generated per write: bounded memory whatever --count is
 
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("count", "channels", "size", "num_classes"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}; must be > 0")
+        if (Path(args.out) / MANIFEST_NAME).exists() and not args.overwrite:
+            raise ValueError(
+                f"--out {args.out} already holds a dataset ({MANIFEST_NAME}); pass --overwrite to "
+                "replace it, or choose another --out"
+            )
         gen = torch.Generator().manual_seed(args.seed)
         shape = (args.channels, args.size, args.size)
         with LatentShardWriter(

@@ -9,4 +9,4 @@ from diffmoe_dist.data import BatchDataset, DigitsDataset, LatentShardDataset
 def build_dataset(cfg: Config, split: str = "train") -> BatchDataset:
     if cfg.data.name == "digits":
         return DigitsDataset(image_size=cfg.data.image_size, split=split)
-    return LatentShardDataset(cfg.data.path)
+    return LatentShardDataset(cfg.data.path, verify=cfg.data.verify)

@@ -25,8 +25,15 @@ manifest.json fields::
 
 Writes are atomic: every shard goes to a temporary name and is ``os.replace``d into place, and the
 manifest is written the same way after all shards, so a reader sees either a complete dataset or
-none. Reading memory-maps the shards (random access reads only the requested rows); each shard's
-size is checked on open and its sha256 once, on first use.
+none. Shards are written with the mode a plain file gets (0666 less the umask, like the manifest).
+
+Reading memory-maps the shards (random access reads only the requested rows). On open, every shard's
+size and safetensors header (tensor names, dtypes, shapes [count, 2, C, H, W] against the manifest)
+are checked, so a missing, truncated or mismatched shard fails at start-up with its name. Checksums
+(``data.verify``): ``always`` hashes every shard on open; ``auto`` (default) does so when the set is at
+most ``VERIFY_AUTO_MAX_BYTES`` (4 GiB: seconds to hash) and otherwise hashes each shard on its first
+read; ``never`` skips hashing. For a large set, ``python tools/verify_latents.py DIR`` is the
+start-up pass run once, ahead of training.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from diffmoe_dist.config import LATENT_VERIFY_MODES
 from diffmoe_dist.data.sampler import validate_batch_request
 from diffmoe_dist.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
@@ -48,6 +56,9 @@ FORMAT_NAME = "diffmoe-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SD_VAE_SCALE_FACTOR = 0.18215
+# data.verify=auto hashes the whole set on open up to this size (sha256 runs at about 0.5-1 GB/s per
+# core, so a few seconds); above it each shard is hashed when first read.
+VERIFY_AUTO_MAX_BYTES = 4 << 30
 
 # name -> (torch dtype, numpy dtype used for the memmap, safetensors dtype tag)
 _DTYPES: dict[str, tuple[torch.dtype, Any, str]] = {
@@ -60,6 +71,28 @@ _DTYPES: dict[str, tuple[torch.dtype, Any, str]] = {
 
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}.safetensors"
+
+
+def write_shard_file(path: Path, latents: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write one shard (latents [n, 2, C, H, W], labels [n] int64) to ``path`` and fsync it.
+
+    safetensors creates its file with mode 0600; the shard gets a plain file's mode (0666 less the
+    umask, as the manifest has), so a dataset prepared by one user is readable by the others.
+    """
+    save_file(
+        {"latents": latents, "labels": labels},
+        str(path),
+        metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
+    )
+    os.chmod(path, 0o666 & ~_umask())
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 class LatentShardWriter:
@@ -152,13 +185,7 @@ class LatentShardWriter:
         name = shard_name(len(self._shards))
         path = self.out_dir / name
         tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
-        save_file(
-            {"latents": lat[:count].contiguous(), "labels": lab[:count].contiguous()},
-            str(tmp),
-            metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)},
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        write_shard_file(tmp, lat[:count].contiguous(), lab[:count].contiguous())
         entry = {
             "file": name,
             "count": count,
@@ -295,17 +322,23 @@ class LatentShardDataset:
     """Random access over a latent shard directory with the ``get_batch(indices, flip)`` API.
 
     ``image_size`` is the latent's spatial size H (= W) and ``channels`` its C: what the model
-    sees. ``verify="full"`` checks each shard's sha256 once, on first use (a global random batch
-    touches every shard on the first step, so in practice that is at start-up); ``"size"`` only
-    checks sizes and headers (for quick inspection of very large sets).
+    sees. Opening checks every shard's size and header against the manifest; ``verify`` (one of
+    ``LATENT_VERIFY_MODES``, the ``data.verify`` key) says when the sha256 checksums are checked:
+    see the module docstring. ``auto_max_bytes`` is the ``auto`` threshold (a knob for tests).
     """
 
-    def __init__(self, path: str | os.PathLike[str], verify: str = "full") -> None:
-        if verify not in ("full", "size"):
-            raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        verify: str = "auto",
+        auto_max_bytes: int = VERIFY_AUTO_MAX_BYTES,
+    ) -> None:
+        if verify not in LATENT_VERIFY_MODES:
+            raise ValueError(
+                f"data.verify must be one of {', '.join(LATENT_VERIFY_MODES)}, got {verify!r}"
+            )
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.verify = verify
         self.num_classes: int = self.manifest["num_classes"]
         c, h, _ = self.manifest["latent_shape"]
         self.channels: int = c
@@ -315,37 +348,30 @@ class LatentShardDataset:
         self.dtype: torch.dtype = _DTYPES[self.manifest["dtype"]][0]
         counts = [s["count"] for s in self.manifest["shards"]]
         self._starts = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.long)
-        # Cheap checks up front so a missing or truncated shard fails at start-up, not mid-run.
-        for s in self.manifest["shards"]:
-            f = self.path / s["file"]
-            if not f.is_file():
-                raise ValueError(f"shard {f} listed in {MANIFEST_NAME} is missing")
-            size = f.stat().st_size
-            if size != s["bytes"]:
-                raise ValueError(
-                    f"shard {f} has {size} bytes, {MANIFEST_NAME} says {s['bytes']} "
-                    f"({'truncated' if size < s['bytes'] else 'grown'})"
-                )
+        # Cheap checks up front (sizes, headers: a few hundred bytes per shard) so a missing,
+        # truncated or mismatched shard fails at start-up, not mid-run.
+        self._layout = [self._check_layout(s) for s in self.manifest["shards"]]
+        total = sum(s["bytes"] for s in self.manifest["shards"])
+        self.verify = verify
+        self._hash_on_read = verify == "auto" and total > auto_max_bytes
         self._open: dict[int, tuple[np.memmap, torch.Tensor]] = {}
+        if verify == "always" or (verify == "auto" and not self._hash_on_read):
+            self.verify_checksums()
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
-    def _shard(self, shard_id: int) -> tuple[np.memmap, torch.Tensor]:
-        """Verify (once) and map shard ``shard_id``: (latents memmap [n, 2, C, H, W], labels [n])."""
-        if shard_id in self._open:
-            return self._open[shard_id]
-        entry = self.manifest["shards"][shard_id]
+    def _check_layout(self, entry: dict[str, Any]) -> tuple[int, int, int]:
+        """Size and header of one shard against the manifest -> (data start, latents, labels offsets)."""
         f = self.path / entry["file"]
-        size = f.stat().st_size if f.is_file() else -1
+        if not f.is_file():
+            raise ValueError(f"shard {f} listed in {MANIFEST_NAME} is missing")
+        size = f.stat().st_size
         if size != entry["bytes"]:
-            raise ValueError(f"shard {f} has {size} bytes, {MANIFEST_NAME} says {entry['bytes']}")
-        if self.verify == "full":
-            digest = sha256_file(f)
-            if digest != entry["sha256"]:
-                raise ValueError(
-                    f"shard {f} is corrupt: sha256 {digest} != {entry['sha256']} in {MANIFEST_NAME}"
-                )
+            raise ValueError(
+                f"shard {f} has {size} bytes, {MANIFEST_NAME} says {entry['bytes']} "
+                f"({'truncated' if size < entry['bytes'] else 'grown'})"
+            )
         header, data_start = self._read_header(f, size)
         n, (c, h, w) = entry["count"], self.latent_shape
         _, np_dtype, tag = _DTYPES[self.manifest["dtype"]]
@@ -353,21 +379,64 @@ class LatentShardDataset:
         lab_meta = header.get("labels")
         want = [n, 2, c, h, w]
         if not isinstance(lat_meta, dict) or lat_meta.get("dtype") != tag:
-            raise ValueError(f"shard {f}: tensor 'latents' missing or not {tag}: {lat_meta}")
+            raise ValueError(
+                f"shard {f}: tensor 'latents' missing or not {tag} "
+                f"({MANIFEST_NAME} dtype {self.manifest['dtype']}): {lat_meta}"
+            )
         if lat_meta.get("shape") != want:
-            raise ValueError(f"shard {f}: 'latents' shape {lat_meta.get('shape')} != {want}")
+            raise ValueError(
+                f"shard {f}: tensor 'latents' has shape {lat_meta.get('shape')}, but "
+                f"{MANIFEST_NAME} (count {n}, latent_shape {list(self.latent_shape)}) says "
+                f"[count, 2, C, H, W] = {want}"
+            )
         if not isinstance(lab_meta, dict) or lab_meta.get("dtype") != "I64":
             raise ValueError(f"shard {f}: tensor 'labels' missing or not I64: {lab_meta}")
         if lab_meta.get("shape") != [n]:
-            raise ValueError(f"shard {f}: 'labels' shape {lab_meta.get('shape')} != {[n]}")
+            raise ValueError(
+                f"shard {f}: tensor 'labels' has shape {lab_meta.get('shape')}, but "
+                f"{MANIFEST_NAME} says count {n}"
+            )
         lo, hi = lat_meta["data_offsets"]
         itemsize = np.dtype(np_dtype).itemsize
         if hi - lo != n * 2 * c * h * w * itemsize or data_start + hi > size:
             raise ValueError(f"shard {f}: 'latents' byte range {lo}..{hi} is inconsistent")
-        lat = np.memmap(f, dtype=np_dtype, mode="r", offset=data_start + lo, shape=tuple(want))
         llo, lhi = lab_meta["data_offsets"]
         if lhi - llo != 8 * n or data_start + lhi > size:
             raise ValueError(f"shard {f}: 'labels' byte range {llo}..{lhi} is inconsistent")
+        return data_start, lo, llo
+
+    def verify_checksum(self, shard_id: int) -> None:
+        """Hash shard ``shard_id`` against the manifest; ValueError names the shard and both digests."""
+        entry = self.manifest["shards"][shard_id]
+        f = self.path / entry["file"]
+        digest = sha256_file(f)
+        if digest != entry["sha256"]:
+            raise ValueError(
+                f"shard {f} (shard {shard_id + 1} of {len(self.manifest['shards'])}) is corrupt: "
+                f"sha256 {digest} != {entry['sha256']} in {MANIFEST_NAME}"
+            )
+
+    def verify_checksums(self) -> None:
+        """Hash every shard now; ValueError names the first corrupt one."""
+        for i in range(len(self.manifest["shards"])):
+            self.verify_checksum(i)
+
+    def _shard(self, shard_id: int) -> tuple[np.memmap, torch.Tensor]:
+        """Map shard ``shard_id`` (hashing it first if that is deferred to its first read):
+        (latents memmap [n, 2, C, H, W], labels [n])."""
+        if shard_id in self._open:
+            return self._open[shard_id]
+        entry = self.manifest["shards"][shard_id]
+        f = self.path / entry["file"]
+        size = f.stat().st_size if f.is_file() else -1
+        if size != entry["bytes"]:
+            raise ValueError(f"shard {f} has {size} bytes, {MANIFEST_NAME} says {entry['bytes']}")
+        if self._hash_on_read:
+            self.verify_checksum(shard_id)
+        data_start, lo, llo = self._layout[shard_id]
+        n, (c, h, w) = entry["count"], self.latent_shape
+        np_dtype = _DTYPES[self.manifest["dtype"]][1]
+        lat = np.memmap(f, dtype=np_dtype, mode="r", offset=data_start + lo, shape=(n, 2, c, h, w))
         with open(f, "rb") as fh:
             fh.seek(data_start + llo)
             labels = torch.from_numpy(np.frombuffer(fh.read(8 * n), dtype="<i8").copy())
@@ -393,10 +462,13 @@ class LatentShardDataset:
                 header = json.loads(fh.read(hlen))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"shard {f}: unreadable safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"shard {f}: safetensors header is not an object")
         return header, 8 + hlen
 
     def verify_all(self) -> None:
-        """Open and verify every shard now (e.g. in a data-preparation tool)."""
+        """Hash and open every shard now (e.g. in a data-preparation tool): checksums and labels."""
+        self.verify_checksums()
         for i in range(len(self.manifest["shards"])):
             self._shard(i)
 

@@ -39,7 +39,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 
 TORCH_PIN="2.13.0"
-APT_PACKAGES=(slurmctld slurmd slurm-client munge docker.io debootstrap iproute2 procps)
+# SLURM and Docker tests; python3-venv so that tests/test_install.py can take the demo's venv path
+# with the system python3 as a non-root user.
+APT_PACKAGES=(slurmctld slurmd slurm-client munge docker.io debootstrap iproute2 procps python3-venv)
 
 log() { echo "install.sh: $*"; }
 die() {
@@ -88,7 +90,7 @@ run() {
 
 # ---- 1. system packages (only with --system-packages, i.e. `make test`)
 if [ "$SYSTEM_PACKAGES" = "1" ]; then
-  log "system packages: the SLURM and Docker tests need ${APT_PACKAGES[*]} (apt; root or sudo)"
+  log "system packages: the SLURM and Docker tests need ${APT_PACKAGES[*]} (apt: root or sudo)"
   if [ "${SKIP_APT:-0}" = "1" ]; then
     log "apt: skipped (SKIP_APT=1)"
   else

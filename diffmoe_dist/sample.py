@@ -116,8 +116,8 @@ def resolve_checkpoint(run_dir: str | None, checkpoint: str | None) -> Path:
     return found
 
 
-def output_dir(ckpt: Path, out: str | None) -> Path:
-    """Where samples go: ``--out``, else ``<run>/samples`` for a checkpoint inside a run directory
+def output_dir(ckpt: Path, out: str | None, name: str = "samples") -> Path:
+    """Where outputs go: ``--out``, else ``<run>/<name>`` for a checkpoint inside a run directory
     (``<run>/checkpoints/<step>``). A checkpoint elsewhere has no run to write into: --out is required
     (two levels up from it could be anything)."""
     if out:
@@ -125,9 +125,9 @@ def output_dir(ckpt: Path, out: str | None) -> Path:
     if ckpt.resolve().parent.name != "checkpoints":
         raise ValueError(
             f"--checkpoint {ckpt} is not inside a run directory (<run>/checkpoints/<step>), so there "
-            "is no <run>/samples to write to: give --out DIR"
+            f"is no <run>/{name} to write to: give --out DIR"
         )
-    return ckpt.resolve().parent.parent / "samples"
+    return ckpt.resolve().parent.parent / name
 
 
 def load_sampling_config(ckpt: Path, overrides: list[str]) -> Config:

@@ -69,6 +69,10 @@ def test_sample_checkpoint_outside_a_run_needs_out(run_dir: Path, tmp_path: Path
     shutil.copytree(_checkpoint(run_dir), ckpt)
     res = _sample("--checkpoint", str(ckpt))
     _assert_clear_error(res.returncode, res.stderr, "not inside a run directory", "--out")
+    # tools/threshold_sweep.py has the same default (<run>/sweep): refused before the sweep runs.
+    sweep = [sys.executable, "tools/threshold_sweep.py", "--checkpoint", str(ckpt)]
+    res = subprocess.run(sweep, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    _assert_clear_error(res.returncode, res.stderr, "<run>/sweep", "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000002"]
     out = tmp_path / "samples"

@@ -27,6 +27,7 @@ from diffmoe_dist.parallel.distributed import cleanup, init_distributed  # noqa:
 from diffmoe_dist.sample import (  # noqa: E402
     class_labels,
     load_sampling_config,
+    output_dir,
     resolve_checkpoint,
     sample_from_checkpoint,
 )
@@ -181,13 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint")
     p.add_argument("--gammas", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     p.add_argument("--static-capacity", type=float, default=1.0)
-    p.add_argument("--out", help="output directory (default: <run-dir or checkpoint's run>/sweep)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: <run-dir or checkpoint's run>/sweep; required for a "
+        "--checkpoint outside a run directory)",
+    )
     p.add_argument("--vae", help="local AutoencoderKL directory (latents runs)")
     p.add_argument("--ref", help="reference .npz for FID (latents runs)")
     p.add_argument("--inception", help="local Inception weights .pth (with --ref)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
+        if args.checkpoint and not args.out:  # refused before the sweep's work, not after it
+            output_dir(Path(args.checkpoint), None, "sweep")
         rows = sweep(args)
         if rows is None:
             return 0
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             if rows
             else resolve_checkpoint(args.run_dir, args.checkpoint)
         )
-        out = Path(args.out) if args.out else ckpt.parent.parent / "sweep"
+        out = output_dir(ckpt, args.out, "sweep")
         out.mkdir(parents=True, exist_ok=True)
         title = f"threshold sweep: {ckpt}"
         (out / "sweep.json").write_text(json.dumps(rows, indent=1))

@@ -83,6 +83,15 @@ class TrainConfig:
     # Peak FLOP/s per rank, in TFLOP/s, for the `mfu` metric; 0 = the bf16 peak of a known GPU
     # (H100 / H200 / A100, diffmoe_dist/flops.py) when training in bf16 on it, else no `mfu`.
     peak_tflops: float = 0.0
+    # The step at scale (issue 15, parallel/parallelize.py GradReducer): gradient reduction
+    # "overlap" (DDP buckets + async expert buckets during backward) | "flat" (after backward);
+    # its wire dtype fp32 | bf16 (the sum lands in the fp32 grads); DDP / expert bucket size in MiB.
+    grad_reduce: str = "overlap"
+    grad_reduce_dtype: str = "fp32"
+    grad_bucket_mb: float = 25.0
+    # Micro-batches per optimizer step: the global batch is cut into this many consecutive parts
+    # (each whole pools), gradients accumulate locally and are reduced once per step.
+    grad_accum_steps: int = 1
 
 
 @dataclass
@@ -400,6 +409,20 @@ def validate(cfg: Config) -> None:
         )
     _choice(t.precision, ("fp32", "bf16"), "train.precision")
     _choice(t.optimizer_impl, ("torch", "apex"), "train.optimizer_impl")
+    _choice(t.grad_reduce, ("overlap", "flat"), "train.grad_reduce")
+    _choice(t.grad_reduce_dtype, ("fp32", "bf16"), "train.grad_reduce_dtype")
+    _positive(t.grad_bucket_mb, "train.grad_bucket_mb")
+    _positive(t.grad_accum_steps, "train.grad_accum_steps")
+    if t.grad_accum_steps > 1 and cfg.engine != "native":
+        raise ValueError(
+            f"train.grad_accum_steps={t.grad_accum_steps} needs engine='native' (got {cfg.engine!r}; "
+            "DeepSpeed has its own gradient_accumulation_steps)"
+        )
+    if t.grad_reduce == "flat" and t.grad_reduce_dtype != "fp32":
+        raise ValueError(
+            f"train.grad_reduce_dtype={t.grad_reduce_dtype!r} needs train.grad_reduce='overlap' "
+            "(the flat path reduces in the gradients' own dtype)"
+        )
     _choice(cfg.data.name, ("digits", "latents"), "data.name")
     _choice(cfg.data.verify, LATENT_VERIFY_MODES, "data.verify")
     if not cfg.run.dir.strip():
@@ -441,19 +464,26 @@ def validate_layout(cfg: Config, world_size: int) -> dict[str, int]:
     Raises ValueError with every number when the global batch, ep or pool cannot be laid out.
     """
     G, ep, P = cfg.train.global_batch_size, cfg.parallel.ep, cfg.moe.pool_samples
+    A = cfg.train.grad_accum_steps
     if G % world_size:
         raise ValueError(
             f"train.global_batch_size={G} is not divisible by the world size {world_size}"
         )
     if world_size % ep:
         raise ValueError(f"parallel.ep={ep} does not divide the world size {world_size}")
-    micro = G // world_size
+    if G % (world_size * A):
+        raise ValueError(
+            f"train.grad_accum_steps={A} does not divide the per-rank batch {G // world_size} "
+            f"(train.global_batch_size={G} / world {world_size}) into equal micro-batches"
+        )
+    micro = G // (world_size * A)  # samples per rank per forward
     info = {"world_size": world_size, "ep": ep, "dp": world_size // ep, "micro_batch": micro}
     # diffmoe routes over pools; tc takes its load-balancing statistics over the same pools.
     if cfg.moe.mode in ("diffmoe", "tc"):
-        if G % P:
+        if (G // A) % P:
             raise ValueError(
-                f"moe.pool_samples={P} does not divide train.global_batch_size={G}: "
+                f"moe.pool_samples={P} does not divide train.global_batch_size={G} / "
+                f"train.grad_accum_steps={A} = {G // A}: "
                 "the global batch is cut into pools of pool_samples consecutive samples"
             )
         if micro % P == 0:
@@ -463,7 +493,8 @@ def validate_layout(cfg: Config, world_size: int) -> dict[str, int]:
         else:
             raise ValueError(
                 f"this layout cannot realise moe.pool_samples={P}: micro-batch is {micro} "
-                f"(global batch {G} / world {world_size}); pool_samples must divide the micro-batch, or be "
+                f"(global batch {G} / world {world_size} / train.grad_accum_steps {A}); pool_samples "
+                "must divide the micro-batch, or be "
                 f"m x micro-batch with m dividing parallel.ep={ep}"
             )
     else:

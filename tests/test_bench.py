@@ -261,3 +261,57 @@ def test_bytes_match_gloo_run() -> None:
         t = spanning["total"]
         assert t["scores_sent"] == pred["scores"] and t["counts_sent"] == pred["counts"], (t, pred)
         assert 0 < t["tokens_sent"] + t["tokens_bwd_sent"] <= 2 * pred["tokens"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# tools/bench_step.py: the whole training step, on a toy size, 1 process and 2 gloo ranks.
+TOY_STEP = [
+    "--set=model.input_size=8",
+    "--set=model.depth=2",
+    "--set=model.hidden_size=32",
+    "--set=model.num_heads=2",
+    "--set=model.num_classes=10",
+    "--set=moe.num_experts=4",
+]
+
+
+@pytest.fixture(scope="module")
+def step_result():
+    import bench_step
+
+    argv = TOY_STEP + ["--images=2", "--ranks=1,2", "--repeats=2", "--warmup=1", "--json"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = bench_step.main(argv)
+    assert json.loads(out.getvalue()) == json.loads(json.dumps(result))  # --json prints the result
+    return result
+
+
+def test_bench_step_json(step_result) -> None:
+    from diffmoe_dist.bench.step_bench import REQUIRED_KEYS, validate_result
+
+    validate_result(step_result)
+    cases = {(c["model"], c["ranks"]): c for c in step_result["cases"]}
+    assert set(cases) == {(m, r) for m in ("Dense-DiT-S", "DiffMoE-S-E16") for r in (1, 2)}
+    for (model, ranks), c in cases.items():
+        assert all(k in c for k in REQUIRED_KEYS)
+        assert c["ms_median"] > 0 and c["samples_per_s"] > 0 and c["peak_mem_mb"] > 0
+        assert 0 < c["mfu_vs_measured_peak"] < 1
+        assert c["ep"] == (ranks if model.startswith("DiffMoE") else 1)
+        assert c["images_per_rank"] == 2
+        assert c["samples_per_s"] == pytest.approx(2 * ranks / (c["ms_median"] / 1e3))
+        if model.startswith("Dense"):
+            assert c["ratio_vs_dense"] == 1.0
+        else:
+            assert c["ratio_vs_dense"] > 0
+        # one process: nothing to wait for; two ranks: the reductions and all-to-alls are counted
+        assert (c["exposed_comm_frac"] == 0) == (ranks == 1), c
+        assert c["host_syncs_per_step"] == sum(c["sync_ops"].values())
+
+
+def test_bench_step_bad_variant() -> None:
+    import bench_step
+
+    with pytest.raises(SystemExit, match="NAME:key=value"):
+        bench_step.main(TOY_STEP + ["--variant", "novalue"])
+    with pytest.raises(SystemExit, match="grad_reduce_dtype"):
+        bench_step.main(TOY_STEP + ["--ranks=1", "--set=train.grad_reduce_dtype=fp8"])

@@ -28,6 +28,7 @@ from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
 from diffmoe_dist.models.moe import MoELayer  # noqa: E402
 from diffmoe_dist.parallel.dispatch import a2a_bytes_summary  # noqa: E402
 from diffmoe_dist.parallel.parallelize import (  # noqa: E402
+    GradReducer,
     average_gradients,
     build_parallel_state,
     parallelize_model,
@@ -242,12 +243,18 @@ def test_inference_rules_with_sharded_experts():
 
 # ----------------------------------------------------------------------------------------------------
 # Whole model: several optimizer steps give the same losses on 1 process and on N ranks.
-def _train(cfg, world: int, rank: int, steps: int) -> list[float]:
+def _train(
+    cfg, world: int, rank: int, steps: int, reduce: str = "flat", dtype: str = "fp32"
+) -> list[float]:
+    """reduce "flat": average_gradients after backward; "overlap": GradReducer (DDP + expert
+    buckets during backward), small buckets so several all-reduces overlap backward."""
     import torch.distributed as dist
 
     ps = build_parallel_state(cfg, world, rank)
     torch.manual_seed(0)
     model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps).train()
+    reducer = GradReducer(model, ps, "overlap", dtype, bucket_mb=0.01) if reduce != "flat" else None
+    fwd = reducer.module if reducer is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     G, b = cfg.train.global_batch_size, cfg.train.global_batch_size // world
     losses = []
@@ -258,12 +265,15 @@ def _train(cfg, world: int, rank: int, steps: int) -> list[float]:
         y = torch.randint(0, 10, (G,), generator=gen)
         tgt = torch.randn(G, 4, 8, 8, generator=gen)
         sl = slice(rank * b, (rank + 1) * b)
-        pred = model(x[sl], t[sl], y[sl])
+        pred = fwd(x[sl], t[sl], y[sl])
         aux = model.aux_losses()
         loss = ((pred - tgt[sl]) ** 2).mean() + aux["cp_loss"] + 0.01 * aux["balance_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(model, ps)
+        if reducer is not None:
+            reducer.finish()
+        else:
+            average_gradients(model, ps)
         opt.step()
         reduce_thresholds(model, ps)
         report = loss.detach().clone()
@@ -278,7 +288,8 @@ def _train(cfg, world: int, rank: int, steps: int) -> list[float]:
 def _model_worker(rank: int, world: int, mode: str, ep: int, G: int, P: int, steps: int) -> dict:
     ref = _train(_cfg(mode, 1, G, P), 1, 0, steps)
     dist_run = _train(_cfg(mode, ep, G, P), world, rank, steps)
-    return {"ref": ref, "dist": dist_run}
+    overlap = _train(_cfg(mode, ep, G, P), world, rank, steps, reduce="overlap")
+    return {"ref": ref, "dist": dist_run, "overlap": overlap}
 
 
 @pytest.mark.parametrize(
@@ -296,9 +307,11 @@ def test_model_loss_curve_matches_single_process(world, mode, ep, G, P):
         _model_worker, world, args=(mode, ep, G, P, steps), timeout_s=400 if world == 4 else 200
     )
     for rank, r in enumerate(results):
-        ref, got = torch.tensor(r["ref"]), torch.tensor(r["dist"])
-        # Losses and thresholds: 1e-4 relative; several Adam steps amplify the ~1e-7 rounding.
-        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6), (rank, got.tolist(), ref.tolist())
+        ref = torch.tensor(r["ref"])
+        for key in ("dist", "overlap"):  # flat reduction after backward; DDP + expert buckets
+            got = torch.tensor(r[key])
+            # Losses and thresholds: 1e-4 relative; several Adam steps amplify the ~1e-7 rounding.
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6), (rank, key, got.tolist(), ref)
 
 
 # ----------------------------------------------------------------------------------------------------

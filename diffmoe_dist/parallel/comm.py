@@ -4,12 +4,18 @@
 zero-size) splits; its backward is the reverse all-to-all of the gradient (splits swapped). A
 ``ByteCounter`` callback, when given, is told the bytes sent to and received from *other* ranks
 (rows that stay on this rank never touch the network), in forward and in backward.
+
+``COMM_CLOCK`` adds up the wall time this process spends *blocked* in collectives that nothing
+overlaps (gradient reduction tails, threshold and grad-norm all-reduces); the dispatcher keeps its
+own ``comm_time_s``. tools/bench_step.py reads both to report exposed communication.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -17,6 +23,28 @@ from torch.distributed import ProcessGroup
 
 # (phase "fwd" | "bwd", bytes sent to other ranks, bytes received from other ranks)
 ByteCounter = Callable[[str, int, int], None]
+
+
+class CommClock:
+    """Seconds this process spent waiting on collectives that no computation overlapped."""
+
+    def __init__(self) -> None:
+        self.blocked_s = 0.0
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """Time a synchronous collective (or a wait on an async one) as exposed communication."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocked_s += time.perf_counter() - t0
+
+    def add(self, seconds: float) -> None:
+        self.blocked_s += max(0.0, seconds)
+
+
+COMM_CLOCK = CommClock()
 
 
 def _remote_bytes(

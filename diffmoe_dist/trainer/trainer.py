@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
 from diffmoe_dist.parallel.parallelize import (
+    GradReducer,
     ParallelState,
-    average_gradients,
     build_parallel_state,
     is_expert_param,
     parallelize_model,
@@ -90,8 +91,19 @@ class Trainer:
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = parallelize_model(model, self.ps).to(self.device).train()
         self.ema = parallelize_model(ema, self.ps).to(self.device)
-        # 4. optimizer (AdamW, constant LR with optional warmup)
+        # 4. optimizer (AdamW, constant LR with optional warmup); the native engine's gradient
+        #    reduction (DDP + expert buckets overlapping backward, or flat), forward through it
         self.optimizer = build_optimizer(self.model, cfg.train)
+        self.forward_module: torch.nn.Module = self.model
+        if cfg.engine == "native":
+            self.reducer = GradReducer(
+                self.model,
+                self.ps,
+                cfg.train.grad_reduce,
+                cfg.train.grad_reduce_dtype,
+                cfg.train.grad_bucket_mb,
+            )
+            self.forward_module = self.reducer.module
         # 5. checkpoints, metrics, resume
         self.ckpt = CheckpointManager(
             self.run_dir,
@@ -188,15 +200,24 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------------------
-    def local_batch(self, step: int) -> tuple[torch.Tensor, ...]:
-        """This rank's slice of the global batch of ``step`` with its per-sample draws."""
+    def local_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, ...]:
+        """This rank's slice of micro-batch ``micro`` of the global batch of ``step``, with its
+        per-sample draws. With train.grad_accum_steps = A the global batch (fixed order) is cut into
+        A consecutive parts of G / A samples, each laid out over the ranks as a whole batch would be,
+        so pools (consecutive samples) are the same as without accumulation.
+        """
         cfg, G = self.cfg, self.cfg.train.global_batch_size
+        A = cfg.train.grad_accum_steps
+        part = G // A
         idx = rank_slice(
-            global_batch_indices(len(self.dataset), G, cfg.train.seed, step),
+            global_batch_indices(len(self.dataset), G, cfg.train.seed, step)[
+                micro * part : (micro + 1) * part
+            ],
             self.rank,
             self.world_size,
         )
-        ids = rank_sample_ids(G, self.rank, self.world_size)  # positions in the global batch
+        # positions in the global batch
+        ids = micro * part + rank_sample_ids(part, self.rank, self.world_size)
         seed = cfg.train.seed
         flip = (per_sample_uniform(seed, step, ids, FLIP_STREAM) < 0.5) & cfg.data.hflip
         x1, y = self.dataset.get_batch(idx, flip)
@@ -213,7 +234,7 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
         ):
-            v = self.model(zt, t, y)
+            v = self.forward_module(zt, t, y)  # the DDP wrapper under grad_reduce=overlap
         self.telemetry.add(self.model.moe_stats(), t, y)  # local counters only, no collective
         flow = flow_matching_mse(v.float(), x1, x0).mean()
         aux = self.model.aux_losses()
@@ -228,15 +249,24 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         step, cfg = self.step, self.cfg.train
         t0 = time.perf_counter()
-        x1, x0, t, y = self.local_batch(step)
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=False)
-        losses = self.forward_loss(x1, x0, t, y)
-        losses["loss"].backward()
-        average_gradients(
-            self.model, self.ps
-        )  # dense over world, experts over expert-data-parallel
+        A = cfg.grad_accum_steps
+        sums: dict[str, torch.Tensor] = {}
+        kth: list[list] = []  # per MoE layer: [kth_sum, kth_count] summed over micro-batches
+        for micro in range(A):
+            x1, x0, t, y = self.local_batch(step, micro)
+            # no_sync: all but the last micro-batch accumulate locally; one reduction per step
+            with self.reducer.no_sync() if micro < A - 1 else nullcontext():
+                losses = self.forward_loss(x1, x0, t, y)
+                (losses["loss"] / A if A > 1 else losses["loss"]).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / A
+            self._accumulate_kth(kth)
+        losses = sums
+        # dense over world, experts over expert-data-parallel (waits for the overlapped buckets)
+        self.reducer.finish()
         grad_norm = self.global_grad_norm()
         if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
             for p in self.model.parameters():
@@ -251,6 +281,18 @@ class Trainer:
         out = {k: float(v.detach()) for k, v in losses.items()}
         out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
         return out
+
+    def _accumulate_kth(self, acc: list[list]) -> None:
+        """Sum the threshold statistics of every micro-batch into the layers' last stats, so
+        reduce_thresholds averages over all pools of the step (as without accumulation)."""
+        layers = [m for m in self.model.moe_layers() if m.stats.kth_sum is not None]
+        if not acc:
+            acc.extend([m.stats.kth_sum.clone(), m.stats.kth_count] for m in layers)
+            return
+        for a, m in zip(acc, layers):
+            a[0] += m.stats.kth_sum
+            a[1] += m.stats.kth_count
+            m.stats.kth_sum, m.stats.kth_count = a[0].clone(), a[1]
 
     def global_grad_norm(self) -> float:
         """L2 norm of the full (unsharded) gradient: experts' squares summed over the ep group."""

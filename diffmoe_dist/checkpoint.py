@@ -120,6 +120,10 @@ def optimizer_state(
 # files
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name[len(CKPT_PREFIX) :])
+
+
 def list_checkpoints(ckpt_root: str | os.PathLike[str]) -> list[Path]:
     """Published checkpoint directories, newest first (by step)."""
     root = Path(ckpt_root)
@@ -416,14 +420,53 @@ class CheckpointManager:
                 files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
             atomic_write_json(tmp / "manifest.json", {"files": files, "meta": meta})
             fsync_dir(tmp)
-            if final.exists():
+            if final.exists():  # a damaged or abandoned checkpoint of this very step: superseded
                 shutil.rmtree(final)
             os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
             fsync_dir(self.root)
-            for old in list_checkpoints(self.root)[self.keep :]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune(step, final)
         self._barrier()
         return final
+
+    def _prune(self, step: int, newest: Path) -> None:
+        """Keep-k: remove only checkpoints older than ``newest``, once ``newest`` verifies.
+
+        Checkpoints of later steps (left by a run that went further, e.g. damaged ones this run
+        could not resume from) are never pruned: only a newer good checkpoint supersedes one, and
+        a checkpoint of the same step is replaced when this run gets there. Every checkpoint this
+        manager writes holds finite weights (the trainer checks before saving), so the newest
+        finite checkpoint is always ``newest`` or kept.
+        """
+        problem = verify_checkpoint(newest, full=False)  # sha256 was computed from these bytes
+        if problem is not None:
+            log.warning("not pruning old checkpoints: the new one %s", problem)
+            return
+        older = [p for p in list_checkpoints(self.root) if _step_of(p) < step]
+        for old in older[self.keep - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume_point(self, allow_restart: bool) -> Path | None:
+        """``latest_valid``; when checkpoints exist but none verifies, ValueError on every rank
+        naming them (each one's problem), unless ``allow_restart`` (then None: start at step 0)."""
+        path = self.latest_valid()
+        if path is not None:
+            return path
+        problem: str | None = None
+        if self.rank == 0 and list_checkpoints(self.root):
+            problem = no_verified_checkpoint_message(self.root)
+        box = [problem]
+        if self.group is not None:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        if box[0] is None:
+            return None
+        if not allow_restart:
+            raise ValueError(
+                f"{box[0]}. Refusing to start from step 0 over them: repair or move them, or set "
+                "train.allow_restart=true (they are kept until newer good checkpoints supersede them)"
+            )
+        if self.rank == 0:
+            log.warning("%s; starting from step 0 (train.allow_restart=true)", box[0])
+        return None
 
     def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest checkpoint that matches its manifest; every rank gets the answer."""

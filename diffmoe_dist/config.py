@@ -80,6 +80,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam where importable)
     allow_pool_change: bool = False  # resume with a different moe.pool_samples only when True
+    # Non-finite loss or gradient norm (agreed over all ranks, before the optimizer step):
+    # stop = exit non-zero naming the step and loss, nothing saved after the last finite checkpoint;
+    # skip_step = drop that step's update (native engine), stop after nonfinite_max_skips in a row.
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10
+    # Every checkpoint in run.dir unreadable: start from step 0 anyway only when True (else refuse).
+    allow_restart: bool = False
     # Peak FLOP/s per rank, in TFLOP/s, for the `mfu` metric; 0 = the bf16 peak of a known GPU
     # (H100 / H200 / A100, diffmoe_dist/flops.py) when training in bf16 on it, else no `mfu`.
     peak_tflops: float = 0.0
@@ -422,6 +429,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"train.grad_reduce_dtype={t.grad_reduce_dtype!r} needs train.grad_reduce='overlap' "
             "(the flat path reduces in the gradients' own dtype)"
+        )
+    _choice(t.nonfinite, ("stop", "skip_step"), "train.nonfinite")
+    _positive(t.nonfinite_max_skips, "train.nonfinite_max_skips")
+    if t.nonfinite == "skip_step" and cfg.engine == "deepspeed":
+        raise ValueError(
+            "train.nonfinite='skip_step' needs engine=native (the DeepSpeed engine steps inside "
+            "engine.step()); use train.nonfinite='stop'"
         )
     _choice(cfg.data.name, ("digits", "latents"), "data.name")
     _choice(cfg.data.verify, LATENT_VERIFY_MODES, "data.verify")

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from diffmoe_dist.fsutil import atomic_write_bytes
+
 
 class MetricsLogger:
     def __init__(
@@ -47,20 +49,24 @@ class MetricsLogger:
             self._wandb.log(flat, step=int(record.get("step", 0)))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps after the checkpoint (they will be redone)."""
+        """At every start (step = where training resumes, 0 without a checkpoint): keep each step
+        <= ``step`` once, in order, and drop the rest (those steps will be redone).
+
+        A step logged twice (by an older version, or a run that crashed before its checkpoint)
+        keeps its last record, the one of the lineage that reached the checkpoint. Rewritten
+        atomically, so a kill during this leaves the old file."""
         if not self.enabled or not self.path.exists():
             return
-        keep = []
+        by_step: dict[int, str] = {}
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+                s = int(rec["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # a line cut by a kill: drop it
-            if int(rec.get("step", -1)) <= step:
-                keep.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+            if s <= step:
+                by_step[s] = line
+        atomic_write_bytes(self.path, "".join(by_step[s] + "\n" for s in sorted(by_step)).encode())
 
     def close(self) -> None:
         if self._wandb is not None:

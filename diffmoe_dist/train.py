@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffmoe_dist.parallel.distributed import cleanup
 
     try:
+        from diffmoe_dist.trainer.trainer import NonFiniteError
+
         if cfg.engine == "deepspeed":
             from diffmoe_dist.trainer.deepspeed_engine import DeepSpeedTrainer as TrainerCls
         else:
@@ -47,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"diffmoe-train: error: {e}", file=sys.stderr)
             return 2
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except NonFiniteError as e:
+            print(f"diffmoe-train: error: {e}", file=sys.stderr, flush=True)
+            return 3
         if trainer.rank == 0:
             print(f"diffmoe-train: done {result}", flush=True)
     finally:

@@ -5,6 +5,10 @@
   ``checkpoints/`` (a stale ``.tmp-*`` save survives them);
 - one trainer per run directory: a second one is refused at once naming the holder, the first goes
   on unharmed; kill -9 leaves no stale lock and the rerun resumes with each step logged once;
+- a diverging learning rate (train.lr=1e4) stops the run non-zero naming the step and loss, with
+  every kept checkpoint finite (stop), or skips the updates and stops after N in a row (skip_step);
+- every checkpoint unreadable: refused naming them, unless train.allow_restart=true, which prunes
+  nothing a newer good checkpoint has not superseded;
 
 Readers run in this process through the CLIs' own main() (world 1) on copies of one trained run;
 the trainers they must not disturb are real subprocesses.
@@ -21,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_run import (
+    checkpoint_tensors,
+    checkpoints,
     dir_fingerprint,
     kill_tree,
     read_metrics,
@@ -152,8 +158,6 @@ def test_explicit_damaged_checkpoint_is_refused(trained: Path, tmp_path: Path, c
 
 def test_flipped_expert_bytes_would_change_the_model(trained: Path, tmp_path: Path) -> None:
     """The damage the readers refuse is real: torch's own converter reads other EMA expert weights."""
-    from helpers_run import checkpoint_tensors
-
     run = copy_run(trained, tmp_path / "run")
     good = checkpoint_tensors(ckpt(run, 4))
     flip_ema_expert_bytes(ckpt(run, 4))
@@ -196,3 +200,87 @@ def test_second_trainer_refused_then_kill9_and_resume(tmp_path: Path) -> None:
     assert f"at step {step}" in res.stdout
     assert logged_steps(run) == list(range(1, step + 3))  # each step once, in order
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the holder cleaned the dead save
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. non-finite loss: train.nonfinite = stop | skip_step, tested with a learning rate that diverges
+
+DIVERGE = ("train.lr=1e4", "train.steps=20", "train.ckpt_every=1")  # loss 2 -> 3e10 -> 1e18 -> nan
+
+
+def weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    return {
+        k: v
+        for k, v in checkpoint_tensors(ckpt_dir).items()
+        if k.startswith(("model.", "ema.", "optim.")) and torch.is_tensor(v)
+    }
+
+
+def assert_all_finite(run: Path) -> None:
+    for c in checkpoints(run):
+        bad = [k for k, v in weights(c).items() if v.is_floating_point() and not v.isfinite().all()]
+        assert not bad, f"{c.name} holds non-finite tensors: {bad[:5]}"
+
+
+def test_nonfinite_stop_keeps_finite_checkpoints_and_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = run_train(run, *DIVERGE, "train.keep_checkpoints=2")
+    assert res.returncode == 3, res.stderr[-3000:]
+    recs = read_metrics(run)
+    bad = recs[-1]
+    assert bad.get("nonfinite") is True and bad["loss"] == "nan"
+    step = int(bad["step"])
+    line = [x for x in res.stderr.splitlines() if x.startswith("diffmoe-train: error:")]
+    assert len(line) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "non-finite loss nan" in line[0] and f"at step {step}" in line[0]
+    assert f"step-{step - 1:08d}" in line[0]  # the last checkpoint, named
+    # nothing saved at or after the bad step; the kept ones (keep 2) are the last finite ones
+    assert [c.name for c in checkpoints(run)] == [f"step-{step - 2:08d}", f"step-{step - 1:08d}"]
+    assert_all_finite(run)
+    assert not (run / "final.json").exists()
+    # a rerun resumes from the last finite checkpoint and stops again at the same step (finite
+    # is not healthy: those weights already diverged); the step is logged once, not twice
+    res = run_train(run, *DIVERGE, "train.keep_checkpoints=2")
+    assert res.returncode == 3 and f"at step {step - 1}" in res.stdout
+    assert logged_steps(run) == list(range(1, step + 1))
+    assert [c.name for c in checkpoints(run)] == [f"step-{step - 2:08d}", f"step-{step - 1:08d}"]
+
+
+def test_nonfinite_skip_step_applies_no_update(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = run_train(run, *DIVERGE, "train.nonfinite=skip_step", "train.nonfinite_max_skips=3")
+    assert res.returncode == 3, res.stderr[-3000:]
+    recs = read_metrics(run)
+    stop = int(recs[-1]["step"])  # the 3rd non-finite step in a row
+    assert "3 steps in a row skipped" in res.stderr and f"at step {stop}" in res.stderr
+    assert [r["skipped_steps"] for r in recs[stop - 3 : stop - 1]] == [1, 2]
+    # the skipped steps saved the weights of the last good step, unchanged (model, EMA, AdamW)
+    names = [c.name for c in checkpoints(run)]
+    assert names == [f"step-{s:08d}" for s in (stop - 3, stop - 2, stop - 1)]
+    first, last = weights(checkpoints(run)[0]), weights(checkpoints(run)[-1])
+    assert first.keys() == last.keys()
+    assert all(torch.equal(first[k], last[k]) for k in first)
+    assert_all_finite(run)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. every checkpoint unreadable: refuse, or restart only when asked, pruning nothing superseded
+
+
+def test_all_checkpoints_unreadable(trained: Path, tmp_path: Path) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    for step in (2, 3, 4):
+        truncate(ckpt(run, step) / "__0_0.distcp")
+    before = dir_fingerprint(run)
+    res = run_train(run, "train.steps=6", "train.ckpt_every=1")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "train.allow_restart=true" in res.stderr
+    for step in (2, 3, 4):
+        assert f"step-{step:08d}" in res.stderr
+    assert dir_fingerprint(run) == before  # refused before anything was written
+    # asked for: starts at step 0; step-2 is replaced by a good one, 3 and 4 are not superseded
+    res = run_train(run, "train.steps=2", "train.ckpt_every=1", "train.allow_restart=true").check()
+    assert "allow_restart" in res.stderr
+    assert [c.name for c in checkpoints(run)] == [f"step-{s:08d}" for s in (1, 2, 3, 4)]
+    assert verify_checkpoint(ckpt(run, 2)) is None and verify_checkpoint(ckpt(run, 4)) is not None
+    assert logged_steps(run) == [1, 2]  # the old steps 3, 4 are gone from metrics.jsonl

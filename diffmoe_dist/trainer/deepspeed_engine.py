@@ -291,6 +291,8 @@ class DeepSpeedTrainer(Trainer):
         self.step += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
         gn = float(grad_norm) if grad_norm is not None else float("nan")
+        # train.nonfinite (stop; skip_step is refused for this engine): the engine already stepped
+        self._nonfinite_step(float(losses["loss"].detach()), 0.0 if grad_norm is None else gn, True)
         out.update(lr=lr, grad_norm=gn, step_time=time.perf_counter() - t0)
         return out
 

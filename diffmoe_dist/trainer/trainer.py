@@ -65,6 +65,15 @@ from diffmoe_dist.transport.path import RectifiedFlow
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(RuntimeError):
+    """The run stopped on a non-finite loss / gradient norm / weights (train.nonfinite); the message
+    names the step, the values and the last checkpoint, which is finite."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, message: str):
+        super().__init__(message)
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
 class Trainer:
     """Read top to bottom: __init__ builds the run in numbered stages; train_step is one step."""
 
@@ -123,6 +132,7 @@ class Trainer:
         self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.moe)
         self.peak_flops = self._peak_flops()
         self.step = self._last_saved = 0
+        self.skipped_steps = self._skips_in_row = 0  # train.nonfinite=skip_step bookkeeping
         self._resume()
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -185,7 +195,8 @@ class Trainer:
                 )
 
     def _resume(self) -> None:
-        path = self.ckpt.latest_valid()
+        # every checkpoint unreadable: refuse (ValueError naming them) unless train.allow_restart
+        path = self.ckpt.resume_point(self.cfg.train.allow_restart)
         if path is None:
             return
         meta = self.ckpt.load(path, self.model, self.ema, self.optimizer)
@@ -268,6 +279,12 @@ class Trainer:
         # dense over world, experts over expert-data-parallel (waits for the overlapped buckets)
         self.reducer.finish()
         grad_norm = self.global_grad_norm()
+        if self._nonfinite_step(float(losses["loss"].detach()), grad_norm):
+            self.optimizer.zero_grad(set_to_none=False)  # skip_step: no update, EMA, thresholds
+            self.step += 1
+            out = {k: float(v.detach()) for k, v in losses.items()}
+            out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
+            return {**out, "skipped": 1.0}
         if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -293,6 +310,71 @@ class Trainer:
             a[0] += m.stats.kth_sum
             a[1] += m.stats.kth_count
             m.stats.kth_sum, m.stats.kth_count = a[0].clone(), a[1]
+
+    def _nonfinite_step(self, loss: float, grad_norm: float, applied: bool = False) -> bool:
+        """Apply train.nonfinite to this step's (rank-local) loss and (global) gradient norm.
+
+        Every rank agrees (MAX all-reduce of a flag), so all of them skip or all raise. Returns True
+        when the step's update must be skipped; raises NonFiniteError to stop. ``applied``: the
+        engine has already stepped (DeepSpeed), so skipping is impossible and the run stops.
+        """
+        bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
+        if self.ps.world_group is not None:
+            bad = bad.to(self.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        if not bad.item():
+            self._skips_in_row = 0
+            return False
+        step, policy = self.step + 1, self.cfg.train.nonfinite
+        what = f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}"
+        last = f"step-{self._last_saved:08d}" if self._last_saved else "none yet"
+        if policy == "stop" or applied:
+            raise NonFiniteError(
+                step,
+                loss,
+                grad_norm,
+                f"{what}; train.nonfinite={policy}: stopped, nothing saved after the last "
+                f"checkpoint ({last}); lower train.lr (or set train.grad_clip) and rerun to resume",
+            )
+        self._skips_in_row += 1
+        self.skipped_steps += 1
+        limit = self.cfg.train.nonfinite_max_skips
+        if self._skips_in_row >= limit:
+            raise NonFiniteError(
+                step,
+                loss,
+                grad_norm,
+                f"{what}: {self._skips_in_row} steps in a row skipped "
+                f"(train.nonfinite_max_skips={limit}); stopped, last checkpoint {last}",
+            )
+        if self.rank == 0:
+            log.warning("%s: update skipped (train.nonfinite=skip_step)", what)
+        return True
+
+    @torch.no_grad()
+    def _check_finite_weights(self) -> None:
+        """NonFiniteError unless every model and EMA weight (buffers included) is finite on every
+        rank: a checkpoint never holds non-finite weights, whatever the engine."""
+        bad = torch.zeros((), device=self.device)
+        for module in (self.model, self.ema):
+            for t in (*module.parameters(), *module.buffers()):
+                if t.is_floating_point():
+                    bad += (~torch.isfinite(t)).sum()
+        if self.ps.world_group is not None:
+            dist.all_reduce(bad, group=self.ps.world_group)
+        if bad.item():
+            last = f"step-{self._last_saved:08d}" if self._last_saved else "none yet"
+            raise NonFiniteError(
+                self.step,
+                math.nan,
+                math.nan,
+                f"{int(bad.item())} non-finite weights at step {self.step}: not saved; the last "
+                f"checkpoint ({last}) is the last finite one",
+            )
+
+    def _save_checked(self) -> Path:
+        self._check_finite_weights()
+        return self.save()
 
     def global_grad_norm(self) -> float:
         """L2 norm of the full (unsharded) gradient: experts' squares summed over the ep group."""
@@ -376,8 +458,16 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         t_log, samples = time.perf_counter(), 0
+        # each step once, in order: drop what a crashed / stopped predecessor logged past our start
+        self.metrics.truncate_after(self.step)
         while self.step < total:
-            out = self.train_step()
+            try:
+                out = self.train_step()
+            except NonFiniteError as e:
+                self.metrics.log(
+                    {"step": e.step, "loss": e.loss, "grad_norm": e.grad_norm, "nonfinite": True}
+                )
+                raise
             self.telemetry.add_step(out["step_time"], self.model)
             samples += cfg.global_batch_size
             if self.step % cfg.log_every == 0 or self.step == total:
@@ -395,6 +485,7 @@ class Trainer:
                     **self.throughput(sps),
                     "world_size": self.world_size,
                     "ep": self.ps.ep,
+                    "skipped_steps": self.skipped_steps,
                     **self.moe_metrics(),
                 }
                 self.metrics.log(rec)
@@ -405,7 +496,7 @@ class Trainer:
                 bar.update(1)
             # A stop agreed on the last step is just the end of the run (no requeue needed).
             if self.step < total and self._stop_agreed():
-                self.save()
+                self._save_checked()
                 if self.rank == 0:
                     (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))
                     print(f"preempted: checkpoint at step {self.step} written", flush=True)
@@ -413,11 +504,11 @@ class Trainer:
                     bar.close()
                 return {"step": self.step, "preempted": True}
             if self.step % cfg.ckpt_every == 0 and self.step < total:
-                self.save()
+                self._save_checked()
         if bar is not None:
             bar.close()
         if self._last_saved != self.step:
-            self.save()
+            self._save_checked()
         result = {
             "step": self.step,
             "preempted": False,

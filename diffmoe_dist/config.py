@@ -21,7 +21,8 @@ import yaml
 
 ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
 INFER_MODES = ("static", "dynamic", "gamma", "independent")
-SAMPLERS = ("euler", "heun", "dopri5", "sde")
+SAMPLERS = ("euler", "heun", "dopri5", "sde", "ddpm", "ddim")  # flow: the first 4; ddpm: the last 2
+OBJECTIVES = ("flow", "ddpm")
 LATENT_VERIFY_MODES = ("auto", "always", "never")  # data.verify, see data/latents.py
 
 
@@ -131,10 +132,12 @@ class RunConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "euler"
-    num_steps: int = 250
+    sampler: str = "euler"  # flow: euler | heun | dopri5 | sde; ddpm: ddpm (ancestral) | ddim
+    num_steps: int = 250  # ddpm: the 1000 training steps respaced to this many (<= 1000)
     cfg_scale: float = 1.0
-    cfg_pool: str = "joint"  # joint | separate: how cond/uncond halves share a MoE pool
+    # auto | joint | separate: how cond/uncond halves share a MoE pool; auto = the public code's
+    # choice per objective (separate under flow, joint under ddpm), see transport/cfg.py
+    cfg_pool: str = "auto"
     num_samples: int = 64
     batch_size: int = 64  # per rank
     seed: int = 0
@@ -156,6 +159,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # flow (rectified flow, transport/path.py) | ddpm (DiT's DDPM: eps + learned variance, hybrid
+    # loss, transport/ddpm.py; the model then outputs 2 x in_channels)
+    objective: str = "flow"
     engine: str = "native"  # native | deepspeed
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -336,6 +342,8 @@ def config_hash_fields(cfg: Config) -> dict[str, Any]:
         "moe_mode": cfg.moe.mode,
         "num_experts": cfg.moe.num_experts if cfg.moe.mode != "dense" else 0,
         "predictor": bool(cfg.moe.predictor and cfg.moe.mode == "diffmoe"),
+        # Only when not the default, so checkpoints written before the key existed still match.
+        **({"objective": cfg.objective} if cfg.objective != "flow" else {}),
     }
 
 
@@ -460,15 +468,37 @@ def validate(cfg: Config) -> None:
     _positive(p.timeout_s, "parallel.timeout_s")
     s = cfg.sample
     _choice(s.sampler, SAMPLERS, "sample.sampler")
-    _choice(s.cfg_pool, ("joint", "separate"), "sample.cfg_pool")
+    _choice(s.cfg_pool, ("auto", "joint", "separate"), "sample.cfg_pool")
     for key in ("num_steps", "num_samples", "batch_size"):
         _positive(getattr(s, key), f"sample.{key}")
+    _choice(cfg.objective, OBJECTIVES, "objective")
+    _validate_objective(cfg)
     _choice(cfg.engine, ("native", "deepspeed"), "engine")
     if cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ValueError(
             f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; supported: 0, 1, 2 "
             "(ZeRO-3 partitions expert parameters across the expert-parallel group, which the MoE layer "
             "does not support)"
+        )
+
+
+def _validate_objective(cfg: Config) -> None:
+    """The sampler must belong to the objective; a DDPM respacing must fit its training steps."""
+    from diffmoe_dist.transport.ddpm import DDPM_NUM_TIMESTEPS
+    from diffmoe_dist.transport.objective import DDPM_SAMPLERS, FLOW_SAMPLERS
+
+    s = cfg.sample
+    allowed = DDPM_SAMPLERS if cfg.objective == "ddpm" else FLOW_SAMPLERS
+    if s.sampler not in allowed:
+        raise ValueError(
+            f"sample.sampler={s.sampler!r} does not exist for objective={cfg.objective!r}; "
+            f"choose one of {', '.join(allowed)}"
+            + (" (dopri5 and sde integrate the flow ODE/SDE)" if cfg.objective == "ddpm" else "")
+        )
+    if cfg.objective == "ddpm" and s.num_steps > DDPM_NUM_TIMESTEPS:
+        raise ValueError(
+            f"sample.num_steps={s.num_steps} cannot respace the {DDPM_NUM_TIMESTEPS} DDPM training "
+            f"steps (objective='ddpm' needs 1 <= sample.num_steps <= {DDPM_NUM_TIMESTEPS})"
         )
 
 

@@ -44,7 +44,7 @@ from diffmoe_dist.parallel.distributed import cleanup, init_distributed
 from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
-from diffmoe_dist.transport.samplers import sample as run_sampler
+from diffmoe_dist.transport.objective import cfg_pool_for, get_objective, model_out_channels
 
 
 class CapacityMeter:
@@ -208,18 +208,24 @@ def generate(
         ]
     ).to(device)
 
+    obj = get_objective(cfg.objective)
+
     def counted(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = model(x, t, y)
-        meter.add(model, t, y)
+        meter.add(model, obj.flow_time(t), y)  # telemetry buckets in the flow convention
         return out
 
     vfn = cfg_velocity_fn(
-        counted, labels.to(device), s.cfg_scale, m.num_classes, pool_mode=s.cfg_pool
+        counted,
+        labels.to(device),
+        s.cfg_scale,
+        m.num_classes,
+        pool_mode=cfg_pool_for(cfg),
+        guided_channels=obj.guided_channels(m.in_channels),
     )
-    kw: dict[str, Any] = {} if s.sampler == "dopri5" else {"num_steps": s.num_steps}
-    if s.sampler == "sde":
-        kw["generator"] = torch.Generator(device=device).manual_seed(s.seed + offsets[0])
-    return run_sampler(s.sampler, vfn, z0, **kw).x
+    # Stochastic samplers (flow sde, ddpm ancestral) draw from one generator per batch.
+    gen = torch.Generator(device=device).manual_seed(s.seed + offsets[0])
+    return obj.sample(s.sampler, vfn, z0, s.num_steps, gen).x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,8 +308,9 @@ def sample_from_checkpoint(
 
         vae = load_vae(vae_dir, info.device)  # before the model: a bad path fails fast
     ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
-    model = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
-    ema = parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)
+    out_c = model_out_channels(cfg)
+    model = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
+    ema = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
     ckpt, _ = load_for_reading(ckpt, cfg, model, ema, rank, W, ps.world_group, follow_latest)
     net = (ema if cfg.sample.use_ema else model).to(info.device).eval()
     if cfg.moe.mode != "dense":
@@ -360,6 +367,8 @@ def sample_from_checkpoint(
         "sampler": cfg.sample.sampler,
         "num_steps": cfg.sample.num_steps,
         "cfg_scale": cfg.sample.cfg_scale,
+        "cfg_pool": cfg_pool_for(cfg),
+        "objective": cfg.objective,
         "infer_mode": cfg.moe.infer_mode,
         "use_ema": cfg.sample.use_ema,
         **meter.summary(),

@@ -40,3 +40,27 @@ def test_every_imagenet_config_loads() -> None:
         cfg = load_config(path)
         assert cfg.model.name, path
         assert cfg.moe.num_experts % cfg.parallel.ep == 0 or cfg.moe.mode == "dense", path
+
+
+# Table 11 (DDPM family, FID50K at 700K steps, cfg 1.0): one config per row.
+TABLE11 = ("tc_dit_l_e16", "ec_dit_l_e16", "dense_dit_l", "dense_dit_xl", "diffmoe_l_e16")
+
+
+@pytest.mark.parametrize("stem", TABLE11)
+def test_table11_ddpm_configs(stem: str) -> None:
+    flow = load_config(ROOT / "configs" / "imagenet256" / f"{stem}.yaml")
+    cfg = load_config(ROOT / "configs" / "imagenet256" / f"{stem}_ddpm.yaml")
+    assert (cfg.objective, cfg.sample.sampler, cfg.sample.num_steps) == ("ddpm", "ddpm", 250)
+    assert flow.objective == "flow" and cfg.model == flow.model and cfg.train == flow.train
+    assert cfg.moe.mode == flow.moe.mode and cfg.moe.num_experts == flow.moe.num_experts
+    assert cfg.run.dir.endswith("-DDPM")
+
+
+def test_ddpm_dit_xl_count_is_dits() -> None:
+    """Learned variance doubles the output channels: Dense-DiT-XL under DDPM is DiT-XL/2's 675.13M."""
+    from diffmoe_dist.transport import model_out_channels
+
+    cfg = load_config(ROOT / "configs" / "imagenet256" / "dense_dit_xl_ddpm.yaml")
+    with torch.device("meta"):
+        model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
+    assert count_params(model)["total"] == 675_129_632

@@ -26,12 +26,13 @@ import torch  # noqa: E402
 from diffmoe_dist.config import Config, load_config  # noqa: E402
 from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
 from diffmoe_dist.models.params import count_params  # noqa: E402
+from diffmoe_dist.transport.objective import model_out_channels  # noqa: E402
 
 
 def build_meta(cfg: Config) -> DiffMoE:
     """The model with every tensor on the meta device: real shapes, no storage, no init cost."""
     with torch.device("meta"):
-        return DiffMoE(cfg.model, cfg.moe)
+        return DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Trains Dense-DiT, TC-DiT, EC-DiT and DiffMoE of equal activated compute (one preset config; only
 moe.mode differs) for --seeds seeds each, evaluates every run (digits judge FD + accuracy, held-out
-flow loss; DiffMoE under static top-k, the dynamic predictor rule and the batch-independent rule,
+loss; DiffMoE under static top-k, the dynamic predictor rule and the batch-independent rule,
 with C_infer) and writes docs/reproduction.md (table, paired orderings, command, versions) and
 docs/reproduction.png. Hand-written text around the generated section of the .md is kept.
 
@@ -12,6 +12,9 @@ docs/reproduction.png. Hand-written text around the generated section of the .md
       (pools of 64 span both ranks; the sweep gets its own section and reproduction_pool.png)
     python tools/reproduce_routing.py --seeds 1 --steps 50 --modes dense,diffmoe --out /tmp/r
     python tools/reproduce_routing.py --modes diffmoe --experts 2,4,8,16 --tag experts
+    python tools/reproduce_routing.py --objective ddpm
+      (every model trained with DDPM instead of rectified flow, sampled with DDIM 32 steps; its own
+      section "ddpm" and work directory unless --tag / --work-dir say otherwise)
       (the expert-count sweep: DiffMoE with E = 2, 4, 8, 16 at equal activated compute)
 
 --pool-samples P1,P2 adds DiffMoE variants with those pool sizes (equal everything else); the
@@ -61,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--experts", default="", help="extra DiffMoE expert counts, e.g. 2,4,8,16 (the sweep)"
     )
+    p.add_argument(
+        "--objective",
+        choices=("flow", "ddpm"),
+        default="flow",
+        help="training objective of every variant (ddpm: DiT's DDPM, sampled with DDIM)",
+    )
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the MoE runs")
     p.add_argument(
@@ -96,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     config = args.config or PRESETS[args.preset]
-    work_dir = args.work_dir or _ROOT / "runs" / f"reproduce_{args.preset}"
+    # A DDPM study gets its own runs and doc section by default (a rerun must not replace the flow ones).
+    suffix = "" if args.objective == "flow" else f"_{args.objective}"
+    work_dir = args.work_dir or _ROOT / "runs" / f"reproduce_{args.preset}{suffix}"
+    tag = args.tag or suffix.lstrip("_")
     try:
         spec = StudySpec(
             preset=args.preset,
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides=tuple(args.overrides),
             work_dir=work_dir.resolve(),
             out_dir=args.out.resolve(),
-            tag=args.tag,
+            tag=tag,
+            objective=args.objective,
             command=shlex.join(["python", "tools/reproduce_routing.py", *argv_used]),
         )
         rows = run_study(spec)

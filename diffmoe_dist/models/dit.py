@@ -1,7 +1,10 @@
 """DiffMoE: a class-conditional DiT whose odd-indexed blocks (1, 3, 5, ...) have an MoE FFN.
 
-forward(x [B, C, H, W], t [B] in [0, 1], y [B] long with null class = num_classes) -> velocity
-[B, C, H, W]. The model never draws random numbers and never talks to torch.distributed.
+forward(x [B, C, H, W], t [B], y [B] long with null class = num_classes) -> [B, C_out, H, W].
+What t and the output mean is the objective's business (transport/objective.py): rectified flow
+gives t in [0, 1] and reads a velocity (C_out = C); DDPM gives the integer step and reads eps plus
+the variance values (C_out = 2C, ``out_channels``). The model never draws random numbers and never
+talks to torch.distributed.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from diffmoe_dist.models.moe import FeedForward, MoELayer, MoEStats
 
 
 class DiffMoE(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, out_channels: int | None = None):
         super().__init__()
         self.model_cfg, self.moe_cfg = model, moe
         D = model.hidden_size
         hidden = int(D * model.mlp_ratio)
-        self.in_channels = self.out_channels = model.in_channels
+        self.in_channels = model.in_channels
+        # None: as many as the input (flow); 2C for DDPM's learned variance (DiT's learn_sigma).
+        self.out_channels = out_channels or model.in_channels
         self.patch_size, self.num_classes = model.patch_size, model.num_classes
         self.x_embedder = PatchEmbed(model.input_size, model.patch_size, model.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -109,7 +114,7 @@ class DiffMoE(nn.Module):
         for block in self.blocks:
             x = block(x, c)  # [B, T, D]
         x = self.final_layer(x, c)  # [B, T, p*p*C]
-        return self.unpatchify(x)  # [B, C, H, W]
+        return self.unpatchify(x)  # [B, C_out, H, W]
 
     # ------------------------------------------------------------------------------------------------
     def moe_layers(self) -> Iterator[MoELayer]:

@@ -1,7 +1,8 @@
 """Input embeddings of the DiT: patches, timestep, class label (with a null class), 2-D positions.
 
-Time convention (see transport/path.py): t in [0, 1], t = 0 is noise, t = 1 is data; the raw t (not
-t x 1000) goes into the sinusoidal embedding. Label dropout for classifier-free guidance is decided
+Time: whatever the objective gives (transport/objective.py), used as is in the sinusoidal embedding:
+rectified flow's raw t in [0, 1] (t = 0 noise, t = 1 data; not t x 1000), or DDPM's integer step
+0..999 (as DiT). Label dropout for classifier-free guidance is decided
 by the trainer (deterministically per sample) and arrives here as the null label ``num_classes``.
 """
 

@@ -6,8 +6,10 @@ timestep, label dropout and flip come from (seed, step, position in the global b
 are ``moe.pool_samples`` consecutive samples of that order. Loss = mean over the global batch, so
 gradients are averaged with divide factor = world size (parallel/parallelize.py).
 
-Flow convention (transport/path.py): z_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1 data,
-target velocity x1 - x0.
+The objective (config ``objective``: flow | ddpm) is used only through transport/objective.py:
+it maps the per-sample U[0, 1) time draw to its t, mixes data x1 and noise x0, and computes the
+per-sample loss terms. Flow (transport/path.py): z_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1
+data, target velocity x1 - x0. DDPM (transport/ddpm.py): integer t in 0..999, hybrid loss.
 
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the current step all ranks agree (MAX
 all-reduce), a complete checkpoint is written, rank 0 writes ``<run.dir>/PREEMPTED`` and train()
@@ -59,8 +61,7 @@ from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption
 from diffmoe_dist.trainer.ema import update_ema
 from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr
-from diffmoe_dist.transport.loss import flow_matching_mse
-from diffmoe_dist.transport.path import RectifiedFlow
+from diffmoe_dist.transport.objective import get_objective, model_out_channels
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class Trainer:
         self._check_data_matches_model()
         # 3. model and EMA (same init on every rank: seeded), then sharding + dispatchers
         torch.manual_seed(cfg.train.seed)
-        model = DiffMoE(cfg.model, cfg.moe)
+        self.objective = get_objective(cfg.objective)
+        model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.model = parallelize_model(model, self.ps).to(self.device).train()
         self.ema = parallelize_model(ema, self.ps).to(self.device)
@@ -233,7 +235,7 @@ class Trainer:
         flip = (per_sample_uniform(seed, step, ids, FLIP_STREAM) < 0.5) & cfg.data.hflip
         x1, y = self.dataset.get_batch(idx, flip)
         x0 = per_sample_normal(seed, step, ids, x1.shape[1:])
-        t = per_sample_uniform(seed, step, ids, TIME_STREAM)
+        t = self.objective.time_from_uniform(per_sample_uniform(seed, step, ids, TIME_STREAM))
         drop = per_sample_uniform(seed, step, ids, LABEL_DROP_STREAM) < cfg.model.class_dropout_prob
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)  # null class for CFG
         return tuple(v.to(self.device) for v in (x1.float(), x0, t, y))
@@ -241,21 +243,25 @@ class Trainer:
     def forward_loss(
         self, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        zt = RectifiedFlow.interpolate(x1, x0, t)
+        obj = self.objective
+        zt = obj.noisy(x1, x0, t)
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"
         ):
-            v = self.forward_module(zt, t, y)  # the DDP wrapper under grad_reduce=overlap
-        self.telemetry.add(self.model.moe_stats(), t, y)  # local counters only, no collective
-        flow = flow_matching_mse(v.float(), x1, x0).mean()
+            out = self.forward_module(
+                zt, obj.model_time(t), y
+            )  # DDP wrapper under grad_reduce=overlap
+        # local counters only, no collective; telemetry buckets use the flow convention
+        self.telemetry.add(self.model.moe_stats(), obj.flow_time(t), y)
+        terms = {k: v.mean() for k, v in obj.losses(out.float(), x1, x0, zt, t).items()}
         aux = self.model.aux_losses()
         moe = self.cfg.moe
         loss = (
-            flow
+            terms[obj.loss_key]
             + moe.cp_loss_weight * aux["cp_loss"]
             + moe.balance_loss_weight * aux["balance_loss"]
         )
-        return {"loss": loss, "flow_loss": flow, **aux}
+        return {"loss": loss, **terms, **aux}
 
     def train_step(self) -> dict[str, float]:
         step, cfg = self.step, self.cfg.train
@@ -472,7 +478,10 @@ class Trainer:
             samples += cfg.global_batch_size
             if self.step % cfg.log_every == 0 or self.step == total:
                 last = self._reduced(
-                    {k: out[k] for k in ("loss", "flow_loss", "cp_loss", "balance_loss")}
+                    {
+                        k: out[k]
+                        for k in ("loss", *self.objective.metric_keys, "cp_loss", "balance_loss")
+                    }
                 )
                 elapsed = time.perf_counter() - t_log
                 sps = samples / max(elapsed, 1e-9)

@@ -7,6 +7,11 @@ label). The public DiT forward_with_cfg guides only the first 3 of 4 latent chan
 (`eps, rest = model_out[:, :3], model_out[:, 3:]`), a bug copied between repositories; here every
 channel is guided and tests/test_transport.py checks it on a 4-channel model.
 
+Learned variance (objective ddpm, model output [eps (C channels), variance values (C)]):
+``guided_channels=C`` guides the C eps channels and takes the variance half from the conditional
+forward, as DiT's forward_with_cfg does (there the variance of the conditional half is the one the
+sampler keeps). Every eps channel is guided.
+
 cfg_scale == 1.0 is exactly the conditional velocity, so one conditional forward is made and no
 unconditional pass is run (half the compute).
 
@@ -14,11 +19,14 @@ pool_mode: DiffMoE routes tokens over a pool of samples (every expert takes its 
 the whole pool), so which samples share a forward changes the result.
   "joint"    one forward on the concatenated batch [z; z] with labels [y; null], [2B, ...]: the
              conditional and unconditional halves share the routing pool, as in DiT's
-             forward_with_cfg and the DiffMoE public code.
+             forward_with_cfg; the public DiffMoE code does this on its DDPM path only.
   "separate" two forwards, first the conditional batch [B] then the unconditional batch [B]: each
              half pools only with itself, so the unconditional prediction does not depend on
-             the labels of the conditional half.
-For a dense model both modes give the same v up to float rounding.
+             the labels of the conditional half. The public DiffMoE code's flow sampler does this.
+For a dense model both modes give the same v up to float rounding. ``sample.cfg_pool: auto`` (the
+default) picks the public code's choice per objective: separate under flow, joint under ddpm
+(objective.py, cfg_pool_for). They differ for DiffMoE whenever moe.pool_samples does not tile the
+sampling batch (then the whole batch is one pool: B samples or 2B).
 """
 
 from __future__ import annotations
@@ -45,9 +53,16 @@ class GuidedVelocity:
     """
 
     def __init__(
-        self, model: ModelFn, y: Tensor, cfg_scale: float, null_class: int, pool_mode: PoolMode
+        self,
+        model: ModelFn,
+        y: Tensor,
+        cfg_scale: float,
+        null_class: int,
+        pool_mode: PoolMode,
+        guided_channels: int | None = None,
     ) -> None:
         self.model = model
+        self.guided_channels = guided_channels
         self.y = y
         self.cfg_scale = float(cfg_scale)
         self.null_class = null_class
@@ -82,8 +97,12 @@ class GuidedVelocity:
         else:
             v_cond = self._forward(z, t, self.y)  # [B, ...]
             v_uncond = self._forward(z, t, self.y_null)  # [B, ...]
-        # All channels are guided (no [:, :3] split).
-        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+        g = self.guided_channels
+        if g is None:  # All channels are guided (no [:, :3] split).
+            return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+        # Learned variance: all g eps channels guided, the rest from the conditional forward.
+        eps = v_uncond[:, :g] + self.cfg_scale * (v_cond[:, :g] - v_uncond[:, :g])
+        return torch.cat([eps, v_cond[:, g:]], dim=1)
 
 
 def cfg_velocity_fn(
@@ -92,12 +111,21 @@ def cfg_velocity_fn(
     cfg_scale: float,
     null_class: int,
     pool_mode: PoolMode = "joint",
+    guided_channels: int | None = None,
 ) -> GuidedVelocity:
     """Build a guided velocity_fn for labels y [B] (long, in [0, null_class]).
 
     null_class is the label of the unconditional class, i.e. num_classes. y may itself contain
-    null_class (unconditional samples in the batch).
+    null_class (unconditional samples in the batch). guided_channels: None guides every output
+    channel; C guides the first C (eps) and keeps the rest (learned variance) from the conditional
+    forward.
     """
+    if guided_channels is not None and (
+        isinstance(guided_channels, bool)
+        or not isinstance(guided_channels, int)
+        or guided_channels < 1
+    ):
+        raise ValueError(f"guided_channels must be None or an int >= 1, got {guided_channels!r}")
     if pool_mode not in POOL_MODES:
         raise ValueError(f"pool_mode must be one of {POOL_MODES}, got {pool_mode!r}")
     if not math.isfinite(cfg_scale):
@@ -111,4 +139,4 @@ def cfg_velocity_fn(
             f"y must lie in [0, null_class = {null_class}], got min {int(y.min())}, "
             f"max {int(y.max())}"
         )
-    return GuidedVelocity(model, y, cfg_scale, null_class, pool_mode)
+    return GuidedVelocity(model, y, cfg_scale, null_class, pool_mode, guided_channels)

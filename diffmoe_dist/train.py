@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteError as e:
             print(f"diffmoe-train: error: {e}", file=sys.stderr, flush=True)
             return 3
+        if result.get("interrupted"):
+            return 130  # Ctrl-C: saved, but the run did not finish (scripts must not go on)
         if trainer.rank == 0:
             print(f"diffmoe-train: done {result}", flush=True)
     finally:

@@ -239,8 +239,8 @@ def dir_fingerprint(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
 
 @contextmanager
 def restored_signal_handlers() -> Iterator[None]:
-    """An in-process Trainer installs SIGUSR1/SIGTERM handlers; give pytest its own back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    """An in-process Trainer installs SIGUSR1/SIGTERM/SIGINT handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:

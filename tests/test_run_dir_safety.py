@@ -9,6 +9,9 @@
   every kept checkpoint finite (stop), or skips the updates and stops after N in a row (skip_step);
 - every checkpoint unreadable: refused naming them, unless train.allow_restart=true, which prunes
   nothing a newer good checkpoint has not superseded;
+- metrics.jsonl holds each step once, in order, after kills before any checkpoint;
+- Ctrl-C (SIGINT to torchrun's whole process group) saves at the agreed step boundary and exits;
+  a second SIGINT exits at once; a stale PREEMPTED is removed;
 
 Readers run in this process through the CLIs' own main() (world 1) on copies of one trained run;
 the trainers they must not disturb are real subprocesses.
@@ -18,8 +21,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +35,7 @@ from helpers_run import (
     checkpoint_tensors,
     checkpoints,
     dir_fingerprint,
+    finish,
     kill_tree,
     read_metrics,
     run_train,
@@ -284,3 +292,67 @@ def test_all_checkpoints_unreadable(trained: Path, tmp_path: Path) -> None:
     assert [c.name for c in checkpoints(run)] == [f"step-{s:08d}" for s in (1, 2, 3, 4)]
     assert verify_checkpoint(ckpt(run, 2)) is None and verify_checkpoint(ckpt(run, 4)) is not None
     assert logged_steps(run) == [1, 2]  # the old steps 3, 4 are gone from metrics.jsonl
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. metrics.jsonl: each step once, in order, also when no checkpoint exists
+
+
+def test_metrics_each_step_once_after_kills_without_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = start_train(run, "train.steps=100000", "train.ckpt_every=100000")
+    wait_for_step(run, 3, proc)
+    kill_tree(proc)
+    assert not checkpoints(run) and len(logged_steps(run)) >= 3
+    # what older versions left after such restarts: a step twice, and a line cut by the kill
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 1, "loss": 9.0}) + "\n" + '{"step": 2, "lo')
+    res = run_train(run, "train.steps=2", "train.ckpt_every=100000").check()
+    assert "resumed" not in res.stdout
+    assert logged_steps(run) == [1, 2]
+    assert read_metrics(run)[0]["loss"] != 9.0  # the rerun's own record
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Ctrl-C
+
+
+def test_ctrl_c_under_torchrun_saves_then_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "PREEMPTED").write_text('{"step": 77}')  # stale, from some earlier preemption
+    proc = start_train(run, "train.steps=100000", "train.ckpt_every=1000", nproc=2)
+    at = wait_for_step(run, 2, proc, timeout_s=180)
+    assert not (run / "PREEMPTED").exists()  # removed when training started
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: agent and both workers
+    rc, out, err = finish(proc)
+    assert rc != 0  # torchrun's agent reports the signal; the workers saved first
+    assert "interrupted (SIGINT): checkpoint at step" in out, err[-3000:]
+    stopped = int(re.search(r"checkpoint at step (\d+) written", out).group(1))
+    assert stopped >= at and err.count("SIGINT: finishing the step") == 2  # once per worker
+    assert "second SIGINT" not in err  # the agent's forwarded SIGINT is the same Ctrl-C
+    assert [c.name for c in checkpoints(run)] == [f"step-{stopped:08d}"]  # not a ckpt_every step
+    assert verify_checkpoint(checkpoints(run)[0]) is None
+    assert not (run / "PREEMPTED").exists()  # Ctrl-C is not a preemption: no requeue marker
+    assert logged_steps(run) == list(range(1, stopped + 1))
+    # rerun (here on one process): resumes at the saved step, finishes, each step logged once
+    res = run_train(run, f"train.steps={stopped + 1}", "train.ckpt_every=1000").check()
+    assert f"at step {stopped}" in res.stdout
+    assert logged_steps(run) == list(range(1, stopped + 2))
+    assert (run / "final.json").exists() and not (run / "PREEMPTED").exists()
+
+
+def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # a batch big enough that one step takes seconds: the second SIGINT lands inside the step
+    proc = start_train(run, "train.steps=100000", "train.global_batch_size=4096")
+    wait_for_step(run, 1, proc, timeout_s=180)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.8)  # longer than preemption.SIGINT_DEBOUNCE_S: a second Ctrl-C
+    t0 = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    rc, _, err = finish(proc, timeout_s=60)
+    assert rc == 130 and "second SIGINT: exiting now" in err, err[-3000:]
+    assert time.monotonic() - t0 < 5.0
+    assert not checkpoints(run)  # the step in progress was abandoned, nothing half-published
+    assert logged_steps(run) == [1]

@@ -14,6 +14,8 @@ data, target velocity x1 - x0. DDPM (transport/ddpm.py): integer t in 0..999, hy
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the current step all ranks agree (MAX
 all-reduce), a complete checkpoint is written, rank 0 writes ``<run.dir>/PREEMPTED`` and train()
 returns normally, so the launcher can requeue and the next run resumes where this one stopped.
+SIGINT (Ctrl-C) saves the same way without the marker (diffmoe-train exits 130); see preemption.py.
+The next start removes a stale PREEMPTED.
 """
 
 from __future__ import annotations
@@ -408,11 +410,12 @@ class Trainer:
         dist.all_reduce(t, group=self.ps.world_group)
         return dict(zip(keys, (t / self.world_size).tolist()))
 
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if preemption.requested() else 0.0], device=self.device)
+    def _stop_agreed(self) -> int:
+        """preemption.NONE / INTERRUPT (SIGINT) / PREEMPT (SIGUSR1, SIGTERM), the MAX over ranks."""
+        flag = torch.tensor([float(preemption.kind())], device=self.device)
         if self.ps.world_group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ps.world_group)
-        return bool(flag.item() > 0)
+        return int(flag.item())
 
     def moe_metrics(self) -> dict[str, Any]:
         tele = self.telemetry.log_metrics(self.ps.world_group, self.device)  # one all-reduce
@@ -466,6 +469,8 @@ class Trainer:
         t_log, samples = time.perf_counter(), 0
         # each step once, in order: drop what a crashed / stopped predecessor logged past our start
         self.metrics.truncate_after(self.step)
+        if self.rank == 0:  # a predecessor's preemption marker has been acted on: it is stale now
+            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
         while self.step < total:
             try:
                 out = self.train_step()
@@ -504,14 +509,22 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             # A stop agreed on the last step is just the end of the run (no requeue needed).
-            if self.step < total and self._stop_agreed():
+            stop = self._stop_agreed() if self.step < total else preemption.NONE
+            if stop != preemption.NONE:
                 self._save_checked()
-                if self.rank == 0:
+                preempted = stop == preemption.PREEMPT
+                if self.rank == 0 and preempted:  # the launcher requeues on this marker
                     (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))
                     print(f"preempted: checkpoint at step {self.step} written", flush=True)
+                elif self.rank == 0:
+                    print(
+                        f"interrupted (SIGINT): checkpoint at step {self.step} written; run the "
+                        "same command again to continue",
+                        flush=True,
+                    )
                 if bar is not None:
                     bar.close()
-                return {"step": self.step, "preempted": True}
+                return {"step": self.step, "preempted": preempted, "interrupted": not preempted}
             if self.step % cfg.ckpt_every == 0 and self.step < total:
                 self._save_checked()
         if bar is not None:

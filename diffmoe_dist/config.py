@@ -48,6 +48,11 @@ class MoEConfig:
     mode: str = "diffmoe"  # dense | tc | ec | diffmoe
     num_experts: int = 16
     capacity: float = 1.0  # training capacity C: k = floor(S * C / E)
+    # none | linear: capacity E (every expert takes every token) up to step stage1_steps, then a
+    # linear decay to `capacity` at step stage2_steps (public DiffMoE code; models/capacity_schedule.py)
+    capacity_schedule: str = "none"
+    stage1_steps: int = 0
+    stage2_steps: int = 0
     pool_samples: int = 64  # samples per routing pool (diffmoe); part of the model, see DESIGN.md
     predictor: bool = True  # capacity predictor (diffmoe only)
     cp_loss_weight: float = 1.0
@@ -393,6 +398,19 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"moe.num_experts={moe.num_experts}; must be >= 1")
     _positive(moe.capacity, "moe.capacity")
     _positive(moe.infer_capacity, "moe.infer_capacity")
+    _choice(moe.capacity_schedule, ("none", "linear"), "moe.capacity_schedule")
+    if moe.capacity_schedule == "linear":
+        if moe.mode not in ("diffmoe", "ec"):
+            raise ValueError(
+                f"moe.capacity_schedule='linear' needs expert choice (moe.mode diffmoe or ec); "
+                f"moe.mode={moe.mode!r} has no training capacity"
+            )
+        if not 0 <= moe.stage1_steps < moe.stage2_steps:
+            raise ValueError(
+                f"moe.capacity_schedule='linear' needs 0 <= moe.stage1_steps < moe.stage2_steps; got "
+                f"moe.stage1_steps={moe.stage1_steps}, moe.stage2_steps={moe.stage2_steps} (capacity "
+                f"E={moe.num_experts} up to stage 1, then linear to moe.capacity={moe.capacity} at stage 2)"
+            )
     if moe.pool_samples < 1:
         raise ValueError(f"moe.pool_samples={moe.pool_samples}; must be >= 1")
     _choice(moe.infer_mode, INFER_MODES, "moe.infer_mode")

@@ -135,6 +135,13 @@ class DiffMoE(nn.Module):
             "balance_loss": torch.stack(bal).sum() if bal else zero,
         }
 
+    def set_train_capacity(self, capacity: float) -> None:
+        """Training capacity C of the coming forwards (moe.capacity_schedule); k follows it."""
+        if not capacity > 0:
+            raise ValueError(f"training capacity must be > 0, got {capacity}")
+        for layer in self.moe_layers():
+            layer.capacity = float(capacity)
+
     def set_inference(self, rule: str, capacity: float = 1.0, gamma: float = 0.4) -> None:
         for layer in self.moe_layers():
             layer.set_inference(rule, capacity, gamma)

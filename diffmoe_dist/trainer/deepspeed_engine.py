@@ -280,6 +280,7 @@ class DeepSpeedTrainer(Trainer):
         x1, x0, t, y = self.local_batch(step)
         lr = lr_at(step, cfg)
         set_lr(self.engine.optimizer, lr)
+        self.apply_capacity_schedule(step)
         losses = self.forward_loss(
             x1, x0, t, y
         )  # the module itself: ZeRO 1/2 need no forward hooks

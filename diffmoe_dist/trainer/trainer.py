@@ -48,6 +48,7 @@ from diffmoe_dist.data import (
 from diffmoe_dist.data.factory import build_dataset
 from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.metrics import MetricsLogger
+from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
 from diffmoe_dist.parallel.parallelize import (
@@ -151,9 +152,15 @@ class Trainer:
             return peak_bf16_flops(torch.cuda.get_device_name(self.device))
         return None
 
-    def throughput(self, samples_per_s: float) -> dict[str, float]:
-        """Global samples/s -> model TFLOP/s per rank, and MFU when the peak is known."""
-        per_rank = samples_per_s * self.flops_per_sample / self.world_size
+    def throughput(
+        self, samples_per_s: float, flops_per_sample: float | None = None
+    ) -> dict[str, float]:
+        """Global samples/s -> model TFLOP/s per rank, and MFU when the peak is known.
+
+        flops_per_sample: the mean over the measured steps (the capacity schedule changes it per
+        step, see flops_at); None = self.flops_per_sample (the final capacity's)."""
+        fps = self.flops_per_sample if flops_per_sample is None else flops_per_sample
+        per_rank = samples_per_s * fps / self.world_size
         out = {"tflops_per_rank": per_rank / 1e12}
         if self.peak_flops:
             out["mfu"] = per_rank / self.peak_flops
@@ -215,6 +222,18 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------------------
+    def apply_capacity_schedule(self, step: int) -> None:
+        """Set the training capacity of 0-based step ``step`` (moe.capacity_schedule; a pure
+        function of the step, so a resumed run continues the schedule exactly)."""
+        if self.cfg.moe.capacity_schedule != "none":
+            self.model.set_train_capacity(capacity_at(self.cfg.moe, step))
+
+    def flops_at(self, step: int) -> float:
+        """Model FLOPs of one training sample at 0-based step ``step`` (follows the schedule)."""
+        if self.cfg.moe.capacity_schedule == "none":
+            return self.flops_per_sample
+        return train_flops_per_sample(self.cfg.model, moe_at_step(self.cfg.moe, step))
+
     def local_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, ...]:
         """This rank's slice of micro-batch ``micro`` of the global batch of ``step``, with its
         per-sample draws. With train.grad_accum_steps = A the global batch (fixed order) is cut into
@@ -270,6 +289,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
+        self.apply_capacity_schedule(step)
         self.optimizer.zero_grad(set_to_none=False)
         A = cfg.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
@@ -466,7 +486,7 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
-        t_log, samples = time.perf_counter(), 0
+        t_log, samples, flops = time.perf_counter(), 0, 0.0
         # each step once, in order: drop what a crashed / stopped predecessor logged past our start
         self.metrics.truncate_after(self.step)
         if self.rank == 0:  # a predecessor's preemption marker has been acted on: it is stale now
@@ -481,6 +501,7 @@ class Trainer:
                 raise
             self.telemetry.add_step(out["step_time"], self.model)
             samples += cfg.global_batch_size
+            flops += cfg.global_batch_size * self.flops_at(self.step - 1)
             if self.step % cfg.log_every == 0 or self.step == total:
                 last = self._reduced(
                     {
@@ -496,14 +517,14 @@ class Trainer:
                     "lr": out["lr"],
                     "grad_norm": out["grad_norm"],
                     "samples_per_s": sps,
-                    **self.throughput(sps),
+                    **self.throughput(sps, flops / samples),
                     "world_size": self.world_size,
                     "ep": self.ps.ep,
                     "skipped_steps": self.skipped_steps,
                     **self.moe_metrics(),
                 }
                 self.metrics.log(rec)
-                t_log, samples = time.perf_counter(), 0
+                t_log, samples, flops = time.perf_counter(), 0, 0.0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
             if bar is not None:

@@ -27,9 +27,11 @@ publishes, prunes, and removes the ``.tmp-*`` directories of saves that died
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 import warnings
@@ -341,6 +343,22 @@ def load_for_reading(
 # manager
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save failed (disk full, permission, ...); the message is one line for the user."""
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The exception behind a DCP CheckpointException (an OSError when one rank had one)."""
+    if isinstance(e, CheckpointException):
+        inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        return next((x for x in inner if isinstance(x, OSError)), inner[0] if inner else e)
+    return e
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB ({n} bytes)" if n >= 0 else "unknown"
+
+
 class CheckpointManager:
     """Saves and restores {model, ema, optimizer, thresholds (buffers), step, rng, config}."""
 
@@ -385,48 +403,134 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer | None,
         extra: dict[str, Any] | None = None,
     ) -> Path:
+        """Write ``step-XXXXXXXX`` atomically (every rank calls it).
+
+        A write that fails (disk full, quota, file-size limit, permission, read-only file system)
+        raises CheckpointWriteError on every rank with one line naming the path and the bytes
+        needed or the permission; the half-written ``.tmp-*`` is removed and the previous
+        checkpoints are untouched (nothing is pruned before a new one is published), so the run
+        resumes from them once the cause is fixed.
+        """
         name = f"{CKPT_PREFIX}{step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
         state = _state(model, ema, optimizer)
         state[f"rng.rank{self.rank}"] = torch.get_rng_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # DCP warns when no process group exists (single process)
-            dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
-        self._barrier()
+        need = self._bytes_needed(state)
+        error: str | None = None
         if self.rank == 0:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "time": time.time(),
-                "config": self.cfg.to_dict(),
-                "model_fields": config_hash_fields(self.cfg),
-                "pool_samples": self.cfg.moe.pool_samples,
-                "layout": {"world_size": self.world_size, "ep": self.cfg.parallel.ep},
-                "torch_version": torch.__version__,
-                "extra": extra or {},
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-            atomic_write_json(tmp / "manifest.json", {"files": files, "meta": meta})
-            fsync_dir(tmp)
-            if final.exists():  # a damaged or abandoned checkpoint of this very step: superseded
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
-            fsync_dir(self.root)
-            self._prune(step, final)
-        self._barrier()
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = self._failed(e, tmp, step, need)
+        self._raise_agreed(error, tmp)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DCP warns when no process group exists
+                dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
+        except (OSError, CheckpointException) as e:  # collective: every rank gets the failure
+            error = self._failed(e, tmp, step, need)
+            self._raise_agreed(error, tmp)
+        if self.rank == 0:
+            try:
+                self._publish(step, tmp, final, extra)
+            except OSError as e:
+                error = self._failed(e, tmp, step, need)
+        self._raise_agreed(error, tmp)  # also the barrier: every rank returns after the publish
         return final
+
+    def _publish(self, step: int, tmp: Path, final: Path, extra: dict[str, Any] | None) -> None:
+        """Rank 0: meta, manifest (sizes + sha256), fsync, atomic rename, then keep-k pruning."""
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "time": time.time(),
+            "config": self.cfg.to_dict(),
+            "model_fields": config_hash_fields(self.cfg),
+            "pool_samples": self.cfg.moe.pool_samples,
+            "layout": {"world_size": self.world_size, "ep": self.cfg.parallel.ep},
+            "torch_version": torch.__version__,
+            "extra": extra or {},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        atomic_write_json(tmp / "manifest.json", {"files": files, "meta": meta})
+        fsync_dir(tmp)
+        if final.exists():  # a damaged or abandoned checkpoint of this very step: superseded
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
+        fsync_dir(self.root)
+        self._prune(step, final)
+
+    def _bytes_needed(self, state: dict[str, torch.Tensor]) -> int:
+        """About what a checkpoint takes: the newest one's size, else this rank's tensors x world."""
+        for path in list_checkpoints(self.root):
+            try:
+                return sum(f.stat().st_size for f in path.iterdir())
+            except OSError:
+                continue
+        return self.world_size * sum(v.numel() * v.element_size() for v in state.values())
+
+    def _write_error(self, e: BaseException, tmp: Path, step: int, need: int) -> str:
+        """One line: what failed, where, and the bytes needed / the permission missing.
+
+        Called after the half-written save was removed, so the free space is what a retry gets.
+        torch's file writer reports a short write (disk full, ``ulimit -f``) as a RuntimeError
+        without errno; then the file system's free space and the file-size limit tell which.
+        """
+        e = _root_cause(e)
+        err = e if isinstance(e, OSError) else None
+        where = Path(err.filename) if err is not None and err.filename else tmp
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = -1
+        fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        code = err.errno if err is not None else None
+        if code is None and fsize != resource.RLIM_INFINITY:
+            code = errno.EFBIG
+        elif code is None and 0 <= free < need:
+            code = errno.ENOSPC
+        reason = os.strerror(code) if code else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        head = f"checkpoint step {step} not saved: {reason} writing {where}"
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            head += f"; it needs about {_mb(need)}, {_mb(free)} free on that file system"
+        elif code == errno.EFBIG:
+            head += (
+                f"; the file-size limit (ulimit -f) is {fsize} bytes, it needs about {_mb(need)}"
+            )
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            head += f"; the trainer needs write permission on {self.root}"
+        prev = [p for p in list_checkpoints(self.root) if _step_of(p) < step]
+        tail = (
+            f"the previous checkpoint {prev[0]} is intact and the run resumes from it"
+            if prev
+            else "no earlier checkpoint: a rerun starts from step 0"
+        )
+        return f"{head}; {tail} once this is fixed"
+
+    def _failed(self, e: BaseException, tmp: Path, step: int, need: int) -> str:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        return self._write_error(e, tmp, step, need)
+
+    def _raise_agreed(self, error: str | None, tmp: Path) -> None:
+        """Every rank learns rank 0's (or its own) error; the half-written save is removed."""
+        errors = [error]
+        if self.group is not None:
+            errors = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(errors, error, group=self.group)
+        first = next((e for e in errors if e is not None), None)
+        if first is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failure reported by another rank
+        raise CheckpointWriteError(first)
 
     def _prune(self, step: int, newest: Path) -> None:
         """Keep-k: remove only checkpoints older than ``newest``, once ``newest`` verifies.

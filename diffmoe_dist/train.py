@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffmoe_dist.parallel.distributed import cleanup
 
     try:
+        from diffmoe_dist.checkpoint import CheckpointWriteError
         from diffmoe_dist.trainer.trainer import NonFiniteError
 
         if cfg.engine == "deepspeed":
@@ -51,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             result = trainer.train()
-        except NonFiniteError as e:
-            print(f"diffmoe-train: error: {e}", file=sys.stderr, flush=True)
-            return 3
+        except (NonFiniteError, CheckpointWriteError) as e:  # every rank; rank 0 says it once
+            if trainer.rank == 0:
+                print(f"diffmoe-train: error: {e}", file=sys.stderr, flush=True)
+            # 3: non-finite loss; 4: a save failed (disk full, permission): the last checkpoint stands
+            return 3 if isinstance(e, NonFiniteError) else 4
         if result.get("interrupted"):
             return 130  # Ctrl-C: saved, but the run did not finish (scripts must not go on)
         if trainer.rank == 0:

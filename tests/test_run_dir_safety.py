@@ -12,6 +12,9 @@
 - metrics.jsonl holds each step once, in order, after kills before any checkpoint;
 - Ctrl-C (SIGINT to torchrun's whole process group) saves at the agreed step boundary and exits;
   a second SIGINT exits at once; a stale PREEMPTED is removed;
+- a save that fails for real (a full tmpfs; checkpoints/ made read-only mid-run) stops the run with
+  one line naming the path and the bytes needed / the permission, the previous checkpoint intact
+  and resumable;
 
 Readers run in this process through the CLIs' own main() (world 1) on copies of one trained run;
 the trainers they must not disturb are real subprocesses.
@@ -26,7 +29,10 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -356,3 +362,94 @@ def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5.0
     assert not checkpoints(run)  # the step in progress was abandoned, nothing half-published
     assert logged_steps(run) == [1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. disk full / permission during a save: caused for real
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True)
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path``: writes past it fail with ENOSPC, as on a full disk."""
+    path.mkdir()
+    res = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` becomes unwritable: a read-only bind mount as root (root ignores modes), else 0o555."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    res = _mount("--bind", "-o", "ro", str(path), str(path))
+    if res.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here: {res.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def error_line(stderr: str) -> str:
+    lines = [x for x in stderr.splitlines() if x.startswith("diffmoe-train: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_disk_full_during_save(tmp_path: Path) -> None:
+    # one tiny checkpoint is about 1.7 MB: the first save fits, the second does not
+    with small_tmpfs(tmp_path / "disk", "2600k") as disk:
+        run = disk / "run"
+        res = run_train(run, "train.steps=100", "train.ckpt_every=2")
+        assert res.returncode == 4, res.stderr[-3000:]
+        line = error_line(res.stderr)
+        assert "No space left on device" in line and "step 4 not saved" in line
+        assert str(run / "checkpoints" / ".tmp-step-00000004") in line
+        need = int(re.search(r"needs about [\d.]+ MB \((\d+) bytes\)", line).group(1))
+        first = checkpoints(run)[0]
+        assert abs(need - sum(f.stat().st_size for f in first.iterdir())) < 10_000
+        assert f"previous checkpoint {first} is intact" in line
+        assert [c.name for c in checkpoints(run)] == ["step-00000002"]
+        assert verify_checkpoint(first) is None
+        assert not list((run / "checkpoints").glob(".tmp-*"))  # the half save freed its space
+        # space is freed: the same command resumes from the intact checkpoint
+        assert _mount("-o", "remount,size=16m", str(disk)).returncode == 0
+        res = run_train(run, "train.steps=5", "train.ckpt_every=2").check()
+        assert "at step 2" in res.stdout and logged_steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_permission_lost_during_save(trained: Path, tmp_path: Path) -> None:
+    run = copy_run(trained, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    before = dir_fingerprint(ckpts)
+    proc = start_train(run, "train.steps=100000", "train.ckpt_every=4")  # resumes at 4, saves at 8
+    try:
+        wait_for_step(run, 5, proc)
+        with read_only(ckpts):
+            rc, out, err = finish(proc)
+    finally:
+        kill_tree(proc)
+    assert rc == 4, err[-3000:]
+    line = error_line(err)
+    assert "step 8 not saved" in line and str(ckpts / ".tmp-step-00000008") in line
+    assert ("Read-only file system" in line or "Permission denied" in line) and (
+        f"needs write permission on {ckpts}" in line
+    )
+    assert f"previous checkpoint {ckpt(run, 4)} is intact" in line
+    assert dir_fingerprint(ckpts) == before  # nothing of the failed save is left
+    res = run_train(run, "train.steps=6", "train.ckpt_every=4").check()
+    assert "at step 4" in res.stdout and logged_steps(run) == list(range(1, 7))

@@ -174,9 +174,11 @@ class Trainer:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.run_lock.acquire()
-                probe = self.run_dir / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
+                for d in (self.run_dir, self.run_dir / "checkpoints"):  # fail now, not at a save
+                    d.mkdir(exist_ok=True)
+                    probe = d / ".write-test"
+                    probe.write_text("ok")
+                    probe.unlink()
             except ValueError as e:
                 problem = str(e)
             except OSError as e:

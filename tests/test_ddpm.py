@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from helpers_run import TINY, losses
+from helpers_run import TINY, losses, train_in_process
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.transport import (
@@ -279,3 +279,51 @@ def test_ddpm_expert_parallel_equals_one_process(tmp_path: Path) -> None:
         worst = max(abs(one[key][s] - two[key][s]) for s in one[key])
         assert worst <= 1e-5, f"{key}: max |diff| {worst:.3g}"
     assert min(one["vb"].values()) > 0  # the VB term is live, so it was compared too
+
+
+# --------------------------------------------------------------------------------------------------
+# digits: a DDPM DiffMoE trains and samples digits the judge recognises
+
+# The cheapest setting found that works (8x8 digits, 16 tokens, depth 2, width 64): 1600 steps of
+# batch 32 take about 35 s of one core; 1000 steps gave judge accuracy 0.52 at cfg 2, 1600 steps 0.97.
+DIGITS = (
+    "objective=ddpm",
+    "sample.sampler=ddim",
+    "sample.num_steps=25",
+    "model.input_size=8",
+    "data.image_size=8",
+    "model.patch_size=2",
+    "model.depth=2",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "train.steps=1600",
+    "train.global_batch_size=32",
+    "moe.pool_samples=32",
+    "train.lr=3e-3",
+    "train.warmup_steps=20",
+    "train.grad_clip=1.0",
+    "train.ema_decay=0.99",
+    "train.log_every=100",
+    "train.ckpt_every=100000",
+    "moe.infer_mode=dynamic",
+)
+
+
+def test_ddpm_digits_trains_and_samples_recognisable_digits(tmp_path: Path) -> None:
+    from diffmoe_dist.evaluate import evaluate_checkpoint
+    from diffmoe_dist.parallel.distributed import cleanup
+
+    assert train_in_process(tmp_path / "run", *DIGITS) == 0
+    try:
+        res = evaluate_checkpoint(
+            str(tmp_path / "run"),
+            None,
+            ["sample.cfg_scale=2.0", "sample.num_samples=100", "sample.batch_size=100"],
+        )
+    finally:
+        cleanup()
+    assert res is not None and res["sampler"] == "ddim" and res["cfg_pool"] == "joint"
+    # chance is 0.10; noise scores FD ~1600, real training digits ~63
+    assert res["accuracy"] >= 0.7, res
+    assert res["fd"] < 400, res
+    assert 0.3 < res["c_infer"] < 3.0  # the dynamic rule ran and reported its C_infer

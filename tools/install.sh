@@ -273,14 +273,24 @@ if [ "$KEEP_TORCH" = "1" ]; then
 else
   want="$TORCH_PIN"
 fi
-"$PYTHON" -c "import torch; assert torch.__version__.startswith('$want'), torch.__version__" \
-  || die "torch is not $want after install (something replaced it; see constraints.txt)"
-if [[ "$TORCH_REQ" == *+cpu* ]] && [ "$KEEP_TORCH" != "1" ]; then
-  "$PYTHON" -c "import torch; assert torch.version.cuda is None, torch.version.cuda" \
-    || die "a CUDA torch is installed where $TORCH_REQ was asked for"
-fi
-(cd / && "$PYTHON" -c "import diffmoe_dist, pathlib, sys; \
-p = pathlib.Path(diffmoe_dist.__file__).resolve().parents[1]; \
-sys.exit(0 if p == pathlib.Path('$REPO').resolve() else f'diffmoe_dist imports from {p}, not $REPO')") \
-  || die "diffmoe_dist does not import from $REPO"
-log "ok: torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), diffmoe_dist from $REPO (python: $PYTHON)"
+cpu_only=0
+if [[ "$TORCH_REQ" == *+cpu* ]] && [ "$KEEP_TORCH" != "1" ]; then cpu_only=1; fi
+# One interpreter start (importing torch takes seconds): a rerun of `make demo` stays quick.
+(cd / && "$PYTHON" - "$want" "$cpu_only" "$REPO" <<'PY') || die "verification failed (see above)"
+import pathlib
+import sys
+
+import torch
+
+import diffmoe_dist
+
+want, cpu_only, repo = sys.argv[1], sys.argv[2] == "1", pathlib.Path(sys.argv[3]).resolve()
+if not torch.__version__.startswith(want):
+    sys.exit(f"torch is {torch.__version__}, not {want} (something replaced it; see constraints.txt)")
+if cpu_only and torch.version.cuda is not None:
+    sys.exit(f"a CUDA torch ({torch.version.cuda}) is installed where a CPU build was asked for")
+where = pathlib.Path(diffmoe_dist.__file__).resolve().parents[1]
+if where != repo:
+    sys.exit(f"diffmoe_dist imports from {where}, not {repo}")
+print(f"install.sh: ok: torch {torch.__version__}, diffmoe_dist from {repo} (python: {sys.executable})")
+PY

@@ -172,6 +172,10 @@ def _warn_skipped(path: Path, problem: str) -> None:
     warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=3)
 
 
+class CheckpointVanished(ValueError):
+    """A checkpoint was removed while it was being read (keep-k pruning by a live trainer)."""
+
+
 def latest_verified(ckpt_root: str | os.PathLike[str]) -> Path | None:
     """The newest checkpoint under ``ckpt_root`` (a run's ``checkpoints/``) that matches its manifest.
 
@@ -180,12 +184,18 @@ def latest_verified(ckpt_root: str | os.PathLike[str]) -> Path | None:
     naming the file and the previous one is tried; None when no checkpoint verifies. One process:
     with several ranks, rank 0 decides and broadcasts (``load_for_reading`` does).
     """
-    for path in list_checkpoints(ckpt_root):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        if path.exists():  # a checkpoint pruned by the trainer while we looked is not "bad"
-            _warn_skipped(path, problem)
+    for _ in range(5):
+        vanished = False
+        for path in list_checkpoints(ckpt_root):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            if path.exists():
+                _warn_skipped(path, problem)
+            else:  # pruned by a live trainer while we looked: not bad, and a newer one exists
+                vanished = True
+        if not vanished:
+            return None
     return None
 
 
@@ -309,7 +319,8 @@ def load_for_reading(
         try:
             meta = load_checkpoint(current, cfg, model, ema, None, rank, world_size, group)
         except (OSError, CheckpointException) as e:  # CheckpointException is a BaseException
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            cause = _root_cause(e)
+            error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         errors = [error]
         if group is not None:  # objects, not tensors: works on gloo and nccl groups alike
             errors = [None] * dist.get_world_size(group)
@@ -317,13 +328,14 @@ def load_for_reading(
         if all(e is None for e in errors):
             return current, meta
         error = next(e for e in errors if e is not None)
-        vanished = _agree(
-            current if not (current / "manifest.json").exists() else None, rank, group
-        )
+        # Published checkpoints never change, only get pruned: a file now missing (rmtree in
+        # progress, any order) means it was removed under us, not that it is bad.
+        gone = verify_checkpoint(current, full=False) is not None
+        vanished = _agree(current if gone else None, rank, group)
         if vanished is None:
             raise ValueError(f"could not read checkpoint {current}: {error}")
         if not follow_latest:
-            raise ValueError(
+            raise CheckpointVanished(
                 f"checkpoint {current} was removed while it was read (pruned by the trainer?)"
             )
         log.warning("checkpoint %s was removed while it was read; taking the newest again", current)

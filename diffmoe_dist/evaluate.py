@@ -24,8 +24,7 @@ from typing import Any
 from diffmoe_dist.parallel.distributed import cleanup, init_distributed
 from diffmoe_dist.sample import (
     class_labels,
-    load_sampling_config,
-    resolve_checkpoint,
+    resolve_with_config,
     sample_from_checkpoint,
 )
 
@@ -40,8 +39,7 @@ def evaluate_checkpoint(
     batch_size: int = 50,
 ) -> dict[str, Any] | None:
     """Sample and score; every rank calls it, rank 0 gets the result dict (others None)."""
-    ckpt = resolve_checkpoint(run_dir, checkpoint)
-    cfg = load_sampling_config(ckpt, overrides)
+    ckpt, cfg = resolve_with_config(run_dir, checkpoint, overrides)
     if cfg.data.name == "latents" and not (ref and inception):
         raise ValueError(
             "data.name=latents is scored by FID: give --ref FILE.npz and --inception WEIGHTS.pth "

@@ -362,11 +362,10 @@ def evaluate_run(
     from diffmoe_dist.models.dit import DiffMoE
     from diffmoe_dist.parallel.distributed import cleanup
     from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
-    from diffmoe_dist.sample import _sampling_layout, load_sampling_config, resolve_checkpoint
+    from diffmoe_dist.sample import _sampling_layout, resolve_with_config
     from diffmoe_dist.transport.objective import model_out_channels
 
-    ckpt = resolve_checkpoint(str(run_dir), None)
-    cfg = load_sampling_config(ckpt, list(overrides))
+    ckpt, cfg = resolve_with_config(str(run_dir), None, list(overrides))
     if cfg.data.name != "digits":
         raise ValueError(f"the routing study runs on the digits; {run_dir} has {cfg.data.name}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from diffmoe_dist.checkpoint import (
+    CheckpointVanished,
     latest_verified,
     load_for_reading,
     no_verified_checkpoint_message,
@@ -132,8 +133,28 @@ def output_dir(ckpt: Path, out: str | None, name: str = "samples") -> Path:
 
 def load_sampling_config(ckpt: Path, overrides: list[str]) -> Config:
     """The checkpoint's own resolved config, with --set overrides (sample.*, moe.infer_*, parallel.*)."""
-    data = read_meta(ckpt)["config"]
+    try:
+        data = read_meta(ckpt)["config"]
+    except FileNotFoundError:
+        raise CheckpointVanished(
+            f"checkpoint {ckpt} was removed before it could be read (pruned by a live trainer?)"
+        ) from None
     return from_dict(merge_dicts(data, parse_overrides(overrides))).validate()
+
+
+def resolve_with_config(
+    run_dir: str | None, checkpoint: str | None, overrides: list[str]
+) -> tuple[Path, Config]:
+    """resolve_checkpoint + load_sampling_config. With --run-dir, a checkpoint that a live trainer
+    prunes in between is replaced by the newest one that verifies (a few tries)."""
+    for attempt in range(5):
+        ckpt = resolve_checkpoint(run_dir, checkpoint)
+        try:
+            return ckpt, load_sampling_config(ckpt, overrides)
+        except CheckpointVanished:
+            if checkpoint or attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def class_labels(cfg: Config, labels_arg: str | None) -> torch.Tensor:
@@ -254,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
-        ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
-        cfg = load_sampling_config(ckpt, args.overrides)
+        ckpt, cfg = resolve_with_config(args.run_dir, args.checkpoint, args.overrides)
         labels = class_labels(cfg, args.labels)
         args.out = str(output_dir(ckpt, args.out))
     except ValueError as e:

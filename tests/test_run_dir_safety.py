@@ -12,6 +12,8 @@
 - metrics.jsonl holds each step once, in order, after kills before any checkpoint;
 - Ctrl-C (SIGINT to torchrun's whole process group) saves at the agreed step boundary and exits;
   a second SIGINT exits at once; a stale PREEMPTED is removed;
+- many diffmoe-sample calls against a trainer saving every step (keep 1): the trainer survives and
+  every call uses a checkpoint that verified, or fails cleanly;
 - a save that fails for real (a full tmpfs; checkpoints/ made read-only mid-run) stops the run with
   one line naming the path and the bytes needed / the permission, the previous checkpoint intact
   and resumable;
@@ -453,3 +455,44 @@ def test_permission_lost_during_save(trained: Path, tmp_path: Path) -> None:
     assert dir_fingerprint(ckpts) == before  # nothing of the failed save is left
     res = run_train(run, "train.steps=6", "train.ckpt_every=4").check()
     assert "at step 4" in res.stdout and logged_steps(run) == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. the live-sampling race: sample a run while it writes (and prunes) a checkpoint every step
+
+
+def test_sampling_a_live_run_never_disturbs_it(tmp_path: Path, capsys) -> None:
+    """The trainer is a real process saving every step and keeping 1 checkpoint, so the checkpoint a
+    sampler picked is often pruned while it reads it. The samplers run in this process through
+    diffmoe-sample's main() (the same code as the console script, minus ~5 s of imports per call),
+    on the default output <run>/samples, for about 12 s (at least 5 calls)."""
+    run = tmp_path / "run"
+    proc = start_train(run, "train.steps=100000", "train.ckpt_every=1", "train.keep_checkpoints=1")
+    used, failed = [], []
+    try:
+        wait_for_step(run, 2, proc, timeout_s=180)
+        deadline = time.monotonic() + 12.0
+        while time.monotonic() < deadline or len(used) + len(failed) < 5:
+            rc = sample_main(["--run-dir", str(run), *FAST_SAMPLE, "--set", "sample.num_steps=1"])
+            cap = capsys.readouterr()
+            assert "Traceback" not in cap.err, cap.err[-3000:]
+            if rc == 0:
+                report = json.loads((run / "samples" / "sample_report.json").read_text())
+                used.append(int(Path(report["checkpoint"]).name.split("-")[1]))
+            else:
+                assert rc == 2 and "diffmoe-sample: error:" in cap.err, cap.err[-3000:]
+                failed.append(cap.err.strip().splitlines()[-1])
+            assert proc.poll() is None, "the trainer died while being sampled"
+        progressed = logged_steps(run)[-1]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # preemption: save and exit 0
+        rc, out, err = finish(proc)
+    assert rc == 0 and "preempted: checkpoint at step" in out, err[-3000:]
+    assert len(used) >= 3 and not failed or len(used) > len(failed), (used, failed)
+    assert used == sorted(used) and len(set(used)) > 1  # the samplers followed the live run
+    assert progressed > used[0] + 5  # the trainer kept stepping (and pruning) meanwhile
+    assert [verify_checkpoint(c) for c in checkpoints(run)] == [None]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    steps = logged_steps(run)
+    assert steps == list(range(1, steps[-1] + 1))

@@ -29,6 +29,7 @@ from diffmoe_dist.sample import (  # noqa: E402
     load_sampling_config,
     output_dir,
     resolve_checkpoint,
+    resolve_with_config,
     sample_from_checkpoint,
 )
 
@@ -60,8 +61,7 @@ def parse_gammas(text: str) -> list[float]:
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """Every rank runs every setting; rank 0 returns the rows (others None)."""
     gammas = parse_gammas(args.gammas)
-    ckpt = resolve_checkpoint(args.run_dir, args.checkpoint)
-    base = load_sampling_config(ckpt, args.set)
+    ckpt, base = resolve_with_config(args.run_dir, args.checkpoint, args.set)
     if base.moe.mode != "diffmoe" or not base.moe.predictor:
         raise ValueError(
             f"{ckpt}: a threshold sweep needs moe.mode=diffmoe with moe.predictor=true, "

@@ -359,6 +359,15 @@ class CheckpointWriteError(RuntimeError):
     """A save failed (disk full, permission, ...); the message is one line for the user."""
 
 
+def _remove_published(path: Path) -> None:
+    """Unpublish atomically (rename to ``.tmp-del-*``), then delete: a kill during the deletion
+    leaves a ``.tmp-*`` directory (removed by the next trainer start), never a half checkpoint."""
+    doomed = path.with_name(f".tmp-del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _root_cause(e: BaseException) -> BaseException:
     """The exception behind a DCP CheckpointException (an OSError when one rank had one)."""
     if isinstance(e, CheckpointException):
@@ -474,7 +483,7 @@ class CheckpointManager:
         atomic_write_json(tmp / "manifest.json", {"files": files, "meta": meta})
         fsync_dir(tmp)
         if final.exists():  # a damaged or abandoned checkpoint of this very step: superseded
-            shutil.rmtree(final)
+            _remove_published(final)
         os.replace(tmp, final)  # publish: the checkpoint is now complete or absent, never half
         fsync_dir(self.root)
         self._prune(step, final)
@@ -559,7 +568,7 @@ class CheckpointManager:
             return
         older = [p for p in list_checkpoints(self.root) if _step_of(p) < step]
         for old in older[self.keep - 1 :]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_published(old)
 
     def resume_point(self, allow_restart: bool) -> Path | None:
         """``latest_valid``; when checkpoints exist but none verifies, ValueError on every rank

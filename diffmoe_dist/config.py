@@ -62,6 +62,8 @@ class MoEConfig:
     #   static: top-k with capacity infer_capacity; dynamic: the paper's rule (predictor counts, router
     #   chooses) with learned thresholds; gamma: dynamic with one global threshold `gamma`;
     #   independent: token -> expert e iff its own predictor probability > threshold_e (batch-independent).
+    # The DiffMoE configs and the demo set `dynamic` (the paper's headline); `static` stays the default
+    # here because TC / EC / Dense have no predictor.
     infer_mode: str = "static"
     infer_capacity: float = 1.0
     gamma: float = 0.4

@@ -7,6 +7,10 @@ processes: exactly k per expert and pool for diffmoe / ec, one per token for tc)
 Not counted: norms, activations, softmax, top-k, gathers (the usual convention). Uneven expert counts
 run exact per-expert matmuls (models/moe.py), so executed matmul FLOPs equal these model FLOPs.
 
+Under ``moe.capacity_schedule`` the capacity (hence k and the expert FLOPs) changes per step; the
+trainer counts each step with ``train_flops_per_sample(model, moe_at_step(moe, step))``
+(models/capacity_schedule.py), so tflops_per_rank and mfu follow the schedule.
+
 Training FLOPs per sample = 3 x forward (backward = input gradient + weight gradient), the PaLM /
 Megatron convention; the capacity predictor's and patch embedding's missing input gradients are
 ignored (under 1% of a step). ``tests/test_flops.py`` checks the forward count against

@@ -64,3 +64,53 @@ def test_ddpm_dit_xl_count_is_dits() -> None:
     with torch.device("meta"):
         model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
     assert count_params(model)["total"] == 675_129_632
+
+
+def test_diffmoe_configs_and_demo_sample_with_the_dynamic_rule() -> None:
+    """The paper's headline numbers use the predictor (dynamic rule), not static top-k."""
+    diffmoe = [p for p in CONFIGS if load_config(p).moe.mode == "diffmoe"]
+    assert len(diffmoe) >= 11
+    for path in diffmoe:
+        assert load_config(path).moe.infer_mode == "dynamic", path
+    digits = load_config(ROOT / "configs" / "digits.yaml")
+    assert (digits.moe.mode, digits.moe.infer_mode) == ("diffmoe", "dynamic")
+
+
+class _Recorder:
+    """Stands in for the model in sample.generate: records the batch of every forward."""
+
+    def __init__(self, model: DiffMoE) -> None:
+        self.model, self.batches = model, []
+
+    def __call__(self, x, t, y):
+        self.batches.append(int(x.shape[0]))
+        return self.model(x, t, y)
+
+    def moe_stats(self):
+        return self.model.moe_stats()
+
+
+@pytest.mark.parametrize(
+    "objective,sets,want",
+    [
+        ("flow", [], "separate"),  # the public code's flow sampler: two forwards
+        ("ddpm", ["sample.sampler=ddim"], "joint"),  # its DDPM path: one forward on [z; z]
+        ("flow", ["sample.cfg_pool=joint"], "joint"),  # an explicit choice wins
+    ],
+)
+def test_default_cfg_pool_follows_the_public_code(objective: str, sets: list, want: str) -> None:
+    from diffmoe_dist.sample import CapacityMeter, generate
+    from diffmoe_dist.transport import cfg_pool_for, model_out_channels
+
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"objective={objective}", "sample.cfg_scale=2.0", "sample.num_steps=2", *sets],
+    )
+    assert cfg_pool_for(cfg) == want
+    torch.manual_seed(0)
+    model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg)).eval()
+    model.set_inference("dynamic")
+    rec = _Recorder(model)
+    x = generate(rec, cfg, torch.arange(3), 0, torch.device("cpu"), CapacityMeter())
+    assert x.shape == (3, 1, 16, 16)
+    assert set(rec.batches) == ({3} if want == "separate" else {6})

@@ -107,6 +107,7 @@ class TrainConfig:
     # Micro-batches per optimizer step: the global batch is cut into this many consecutive parts
     # (each whole pools), gradients accumulate locally and are reduced once per step.
     grad_accum_steps: int = 1
+    fused_adamw: bool = True  # torch AdamW fused (CPU / CUDA) where available, else foreach
 
 
 @dataclass

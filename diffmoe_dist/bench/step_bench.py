@@ -23,8 +23,10 @@ What each number is:
   host_syncs_per_step    counted on one extra, untimed step under a TorchDispatchMode
                          (``SyncCounter``): every aten op whose result the host must wait for on a
                          device (``_local_scalar_dense`` = .item() / float() / bool(), nonzero,
-                         unique, masked_select, repeat_interleave without output_size) plus every
-                         Tensor.tolist(), for tensors on the benchmark's device. On CPU every tensor
+                         unique, masked_select, repeat_interleave without output_size, a copy from
+                         the device to the host) plus every Tensor.tolist() (and, on CPU, every
+                         Tensor.cpu(), which dispatches nothing there), for tensors on the
+                         benchmark's device. On CPU every tensor
                          is "on the device", so batch preparation (host tensors in a GPU run too:
                          sample ids, per-sample draws) is excluded by pausing the counter in
                          ``local_batch``. Max over ranks; ``sync_ops`` names them.
@@ -95,6 +97,8 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.device_type = device_type
         self.counts: Counter[str] = Counter()
+        self.by_section: Counter[str] = Counter()  # syncs per section() name ("step" outside)
+        self._section = "step"
         self._paused = 0
         self._orig_tolist = None
 
@@ -114,25 +118,58 @@ class SyncCounter(TorchDispatchMode):
             if name == "aten::repeat_interleave" and kwargs.get("output_size") is None:
                 sync = len(args) == 1 or isinstance(args[1], torch.Tensor)
             if sync and self._on_device(args):
-                self.counts[name.removeprefix("aten::")] += 1
+                self._count(name.removeprefix("aten::"))
+            elif (
+                name in ("aten::_to_copy", "aten::copy_")
+                and self.device_type != "cpu"
+                and self._to_host(name, args, kwargs)
+            ):
+                self._count("to_host")
         return func(*args, **kwargs)
+
+    def _to_host(self, name: str, args: Any, kwargs: dict) -> bool:
+        """A device -> host copy (a sync on CUDA): _to_copy(dev, device=cpu) or cpu.copy_(dev)."""
+        if name == "aten::_to_copy":
+            dev = kwargs.get("device")
+            return args[0].device.type == self.device_type and dev is not None and dev.type == "cpu"
+        return args[0].device.type == "cpu" and args[1].device.type == self.device_type
 
     def __enter__(self):  # noqa: ANN204
         counter = self
-        orig = torch.Tensor.tolist
-        self._orig_tolist = orig
+        orig_tolist, orig_cpu = torch.Tensor.tolist, torch.Tensor.cpu
+        self._orig = (orig_tolist, orig_cpu)
 
         def tolist(t: torch.Tensor):  # noqa: ANN202 - Tensor.tolist's own return type
             if not counter._paused and t.device.type == counter.device_type:
-                counter.counts["tolist"] += 1
-            return orig(t)
+                counter._count("tolist")
+            return orig_tolist(t)
+
+        def cpu(t: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            # On a CPU benchmark .cpu() dispatches nothing; in a GPU run it is a device -> host copy.
+            if not counter._paused and counter.device_type == "cpu":
+                counter._count("cpu")
+            return orig_cpu(t, *a, **k)
 
         torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        torch.Tensor.cpu = cpu  # type: ignore[method-assign]
         return super().__enter__()
 
     def __exit__(self, *exc):  # noqa: ANN002, ANN204
-        torch.Tensor.tolist = self._orig_tolist  # type: ignore[method-assign]
+        torch.Tensor.tolist, torch.Tensor.cpu = self._orig  # type: ignore[method-assign]
         return super().__exit__(*exc)
+
+    def _count(self, op: str) -> None:
+        self.counts[op] += 1
+        self.by_section[self._section] += 1
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Attribute the syncs inside to ``name`` (by_section)."""
+        prev, self._section = self._section, name
+        try:
+            yield
+        finally:
+            self._section = prev
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -78,10 +78,15 @@ class StackedExperts(nn.Module):
             self.b1.zero_()
             self.b2.zero_()
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None = None
+    ) -> torch.Tensor:
+        """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D].
+
+        ``counts_list``: the same counts already on the host (no device sync to read them).
+        """
         E = self.num_experts
-        c = counts.tolist()
+        c = counts_list if counts_list is not None else counts.tolist()
         if len(set(c)) == 1:
             # Static shapes (training: every expert takes exactly k tokens): one bmm per matrix.
             h = x.view(E, c[0], self.dim)
@@ -175,6 +180,11 @@ class Dispatcher(Protocol):
         """[N_local, E] -> [pool_span * N_local, E] in global token order (no autograd)."""
         ...
 
+    def host_counts(self, counts: torch.Tensor) -> tuple[list[int], list[list[int]] | None]:
+        """Uneven counts [E] -> (the same on the host, what each ep rank will send to this one
+        [ep][E_local] or None) with ONE device read: the layer's only host sync."""
+        ...
+
     def run_experts(
         self,
         x: torch.Tensor,
@@ -182,11 +192,17 @@ class Dispatcher(Protocol):
         experts: StackedExperts,
         layer_id: int,
         tok_idx: torch.Tensor | None = None,
+        counts_list: list[int] | None = None,
+        static: bool = False,
+        recv_list: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """x [M, D] grouped by *global* expert (ascending), counts [E] -> expert outputs [M, D].
 
         tok_idx [M]: the local token of each row, so a dispatcher can send a token chosen by several
-        experts of one rank only once (parallel.dedup_tokens).
+        experts of one rank only once (parallel.dedup_tokens). counts_list: ``counts`` on the host.
+        static: every rank of the expert-parallel group has exactly these counts (expert choice
+        with a pool on one rank), so no counts need exchanging and every split is known.
+        recv_list: the counts host_counts received (then no exchange here).
         """
         ...
 
@@ -203,6 +219,9 @@ class LocalDispatcher:
     def gather_pool(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def host_counts(self, counts: torch.Tensor) -> tuple[list[int], list[list[int]] | None]:
+        return counts.tolist(), None
+
     def run_experts(
         self,
         x: torch.Tensor,
@@ -210,10 +229,13 @@ class LocalDispatcher:
         experts: StackedExperts,
         layer_id: int,
         tok_idx: torch.Tensor | None = None,
+        counts_list: list[int] | None = None,
+        static: bool = False,
+        recv_list: list[list[int]] | None = None,
     ) -> torch.Tensor:
         if self.use_loop:
             return experts.loop_forward(x, counts)
-        return experts(x, counts)
+        return experts(x, counts, counts_list)
 
 
 @dataclass
@@ -282,6 +304,7 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.infer_rule, self.infer_capacity, self.gamma = "static", 1.0, 0.4
         self.stats = MoEStats()
+        self._rows_per_expert: int | None = None  # static rows per expert of the current forward
 
     # ------------------------------------------------------------------------------------------------
     def set_inference(self, rule: str, capacity: float = 1.0, gamma: float = 0.4) -> None:
@@ -314,13 +337,31 @@ class MoELayer(nn.Module):
             stats.cp_loss = F.binary_cross_entropy_with_logits(pred_logits, mask.float())
         if pred_logits is not None:
             stats.pred_mask = torch.sigmoid(pred_logits.detach()) > self.thresholds
-        exp_idx, tok_idx = mask.t().nonzero(as_tuple=True)  # grouped by expert, then token index
-        counts = mask.sum(0)  # [E]
+        rows = self._rows_per_expert  # set by _route: every expert's row count when it is static
+        if rows is not None:
+            # Static shapes (expert choice, pools on this rank): exactly `rows` pairs per expert,
+            # known before the step, so nothing is read back from the device.
+            counts_list, recv_list = [rows] * E, None
+            counts = torch.full((E,), rows, dtype=torch.long, device=xf.device)
+        else:
+            counts = mask.sum(0)  # [E]
+            # the one host sync of an uneven layer (with the dispatcher's count exchange folded in)
+            counts_list, recv_list = self.dispatcher.host_counts(counts)
+        # grouped by expert, then token index (nonzero's order) with a size known on the host
+        exp_idx, tok_idx = torch.nonzero_static(mask.t(), size=sum(counts_list)).unbind(1)
         weights = scores[tok_idx, exp_idx]  # [M] combine weights, not renormalised
         # index_select, not xf[tok_idx]: its backward is one index_add_ instead of a zero-filled
         # accumulate-index_put (about 3x faster on CPU at N = 8192).
         y_sel = self.dispatcher.run_experts(
-            xf.index_select(0, tok_idx), counts, self.experts, self.layer_id, tok_idx=tok_idx
+            xf.index_select(0, tok_idx),
+            counts,
+            self.experts,
+            self.layer_id,
+            tok_idx=tok_idx,
+            counts_list=counts_list,
+            # every rank has the same counts only in training (same micro-batch on every rank)
+            static=rows is not None and self.training,
+            recv_list=recv_list,
         )
         out = combine(y_sel, weights, tok_idx, N, xf.dtype)
         stats.pairs = int(tok_idx.numel())
@@ -376,6 +417,7 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         E, N = self.num_experts, B * T
         sel = scores.detach()
+        self._rows_per_expert = None  # stays None unless every expert's row count is static
         if self.mode == "tc":
             mask = token_choice(sel)
             if self.training:
@@ -389,7 +431,9 @@ class MoELayer(nn.Module):
             return mask
         if self.mode == "ec":
             C = self.capacity if self.training else self.infer_capacity
-            return topk_mask(sel.view(B, T, E), capacity_k(T, C, E)).view(N, E)
+            k = capacity_k(T, C, E)
+            self._rows_per_expert = B * max(0, min(k, T))
+            return topk_mask(sel.view(B, T, E), k).view(N, E)
         # diffmoe
         pools, S, span = self._pools(B, T)
         pool_scores = self._pool_view(sel, pools, S, span)  # [pools, S, E]
@@ -397,6 +441,8 @@ class MoELayer(nn.Module):
         if self.training or self.infer_rule == "static":
             C = self.capacity if self.training else self.infer_capacity
             k = capacity_k(S, C, E)
+            if span == 1:  # the pools are this rank's: each expert takes exactly k per pool
+                self._rows_per_expert = pools * max(0, min(k, S))
             pool_mask = topk_mask(pool_scores, k)
             if self.training and probs is not None:
                 kth = kth_largest(self._pool_view(probs, pools, S, span), k)  # [pools, E]

@@ -52,4 +52,5 @@ def capacity_k(pool_tokens: int, capacity: float, num_experts: int) -> int:
 def token_choice(scores: torch.Tensor) -> torch.Tensor:
     """Top-1 token choice: [N, E] -> bool mask [N, E], one expert per token (ties -> lower expert)."""
     choice = torch.argmax(scores, dim=-1)  # first maximal index on ties
-    return torch.nn.functional.one_hot(choice, scores.shape[-1]).to(torch.bool)
+    # scatter, not one_hot: one_hot reads the indices back to check their range (a host sync)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, choice[:, None], True)

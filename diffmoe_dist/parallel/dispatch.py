@@ -10,6 +10,12 @@ expert e lives on ep rank e // E_local. Per forward:
     4. experts   StackedExperts(x, recv_counts.sum(0))
     5. return    inverse permutation, all_to_all_single back        [M, D] in the layer's order
 
+Static shapes (``static=True``: training under expert choice with pools on one rank, so every
+expert takes exactly c rows from every rank): no step 1, every split is E_local * c, and step 3 is
+a transpose; nothing is read from the device. Otherwise the exchanged counts are read once
+(``recv_counts.tolist()``), the only host sync of the dispatcher; the layer itself reads its own
+counts once (models/moe.py).
+
 Both token all-to-alls are autograd-aware (backward = the reverse all-to-all). The combine weight is
 applied by the layer on the token's own rank, so router gradients never travel.
 
@@ -95,6 +101,22 @@ class AllToAllDispatcher:
         self._log("tokens" if phase == "fwd" else "tokens_bwd", sent, recv)
 
     # --- Dispatcher protocol ----------------------------------------------------------------------
+    def host_counts(self, counts: torch.Tensor) -> tuple[list[int], list[list[int]] | None]:
+        """Exchange counts [E] over the ep group, then read both on the host in ONE transfer:
+        (counts as a list, recv [ep][E_local]: rows each rank will send to this one)."""
+        E, ep = counts.numel(), self.ep
+        if ep == 1 or self.dedup_tokens:  # dedup exchanges its own metadata in _run_dedup
+            return counts.tolist(), None
+        El = E // ep
+        send = counts.to(torch.long).view(ep, El)  # block j -> rank j
+        t0 = time.perf_counter()
+        recv = exchange_counts(send, self.ep_group)  # [ep, El] from source i
+        self.comm_time_s += time.perf_counter() - t0
+        row = El * send.element_size()
+        self._log("counts", row * (ep - 1), row * (ep - 1))
+        both = torch.cat([send.flatten(), recv.flatten()]).tolist()
+        return both[:E], [both[E + j * El : E + (j + 1) * El] for j in range(ep)]
+
     @torch.no_grad()
     def gather_pool(self, t: torch.Tensor) -> torch.Tensor:
         """[N_local, E] -> [pool_span * N_local, E], global token order (ranks are consecutive)."""
@@ -114,8 +136,16 @@ class AllToAllDispatcher:
         experts: StackedExperts,
         layer_id: int,
         tok_idx: torch.Tensor | None = None,
+        counts_list: list[int] | None = None,
+        static: bool = False,
+        recv_list: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """tok_idx [M] (optional): the local token of each row; needed by dedup_tokens."""
+        """tok_idx [M] (optional): the local token of each row; needed by dedup_tokens.
+
+        counts_list: ``counts`` already on the host. static: every rank of the ep group sends
+        exactly these counts (expert choice, pools on one rank): the splits are k x experts per rank
+        both ways, no counts are exchanged and nothing is read from the device.
+        """
         E, ep = counts.numel(), self.ep
         if E % ep or experts.num_experts != E // ep:
             raise ValueError(
@@ -123,7 +153,9 @@ class AllToAllDispatcher:
                 f"{experts.num_experts} (expected {E // ep if E % ep == 0 else 'E divisible by ep'})"
             )
         if ep == 1:
-            return experts.loop_forward(x, counts) if self.use_loop else experts(x, counts)
+            if self.use_loop:
+                return experts.loop_forward(x, counts)
+            return experts(x, counts, counts_list)
         if self.dedup_tokens:
             if tok_idx is None:
                 raise ValueError(
@@ -132,30 +164,54 @@ class AllToAllDispatcher:
                 )
             return self._run_dedup(x, counts, experts, tok_idx)
         El = E // ep
-        send_counts = counts.to(torch.long).view(ep, El)  # block j -> rank j
-        t0 = time.perf_counter()
-        recv_counts = exchange_counts(send_counts, self.ep_group)  # [ep, El] from source i
-        self.comm_time_s += time.perf_counter() - t0
-        row = El * send_counts.element_size()
-        self._log("counts", row * (ep - 1), row * (ep - 1))
-        in_splits = send_counts.sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
+        if static and counts_list is not None and len(set(counts_list)) == 1 and not self.use_loop:
+            return self._run_static(x, counts_list[0], experts)
+        if counts_list is None or recv_list is None:
+            counts_list, recv_list = self.host_counts(counts)
+        in_splits = [sum(counts_list[j * El : (j + 1) * El]) for j in range(ep)]
+        out_splits = [sum(r) for r in recv_list]
+        recv_counts = torch.tensor(recv_list, dtype=torch.long, device=x.device)  # [ep, El]
         self.elem_bytes = x.element_size()
         xr = self._timed_a2a(x, in_splits, out_splits, self.ep_group, self._token_counter)
-        yr = self._experts_by_source(xr, recv_counts, experts)  # (source rank, local expert)
+        yr = self._experts_by_source(xr, recv_counts, experts, recv_list)
         return self._timed_a2a(yr, out_splits, in_splits, self.ep_group, self._token_counter)
 
+    def _run_static(self, x: torch.Tensor, c: int, experts: StackedExperts) -> torch.Tensor:
+        """Every (rank, expert) pair carries exactly c rows: splits El * c to and from every rank,
+        and the (source, expert) -> (expert, source) permutation is a transpose."""
+        ep, El, D = self.ep, experts.num_experts, x.shape[-1]
+        splits = [El * c] * ep
+        self.elem_bytes = x.element_size()
+        xr = self._timed_a2a(x, splits, splits, self.ep_group, self._token_counter)
+        xe = xr.view(ep, El, c, D).transpose(0, 1).reshape(El * ep * c, D)  # (expert, source)
+        local = torch.full((El,), ep * c, dtype=torch.long, device=x.device)
+        ye = experts(xe, local, [ep * c] * El)
+        yr = ye.view(El, ep, c, D).transpose(0, 1).reshape(ep * El * c, D)  # (source, expert)
+        return self._timed_a2a(yr, splits, splits, self.ep_group, self._token_counter)
+
     def _experts_by_source(
-        self, xr: torch.Tensor, recv_counts: torch.Tensor, experts: StackedExperts
+        self,
+        xr: torch.Tensor,
+        recv_counts: torch.Tensor,
+        experts: StackedExperts,
+        recv_list: list[list[int]] | None = None,
     ) -> torch.Tensor:
-        """Rows ordered (source rank, local expert) -> expert outputs in the same order."""
+        """Rows ordered (source rank, local expert) -> expert outputs in the same order.
+
+        recv_list: ``recv_counts`` on the host (then nothing here reads the device)."""
         ep, El = recv_counts.shape
         local_expert = torch.arange(El, device=xr.device).repeat(ep)  # [ep*El]
-        expert_of_row = torch.repeat_interleave(local_expert, recv_counts.flatten())
+        expert_of_row = torch.repeat_interleave(
+            local_expert, recv_counts.flatten(), output_size=xr.shape[0]
+        )
         order = torch.argsort(expert_of_row, stable=True)  # -> (local expert, source rank)
         xe = xr.index_select(0, order)
         local_counts = recv_counts.sum(0)
-        ye = experts.loop_forward(xe, local_counts) if self.use_loop else experts(xe, local_counts)
+        local_list = [sum(r[e] for r in recv_list) for e in range(El)] if recv_list else None
+        if self.use_loop:
+            ye = experts.loop_forward(xe, local_counts)
+        else:
+            ye = experts(xe, local_counts, local_list)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return ye.index_select(0, inverse)

@@ -1,4 +1,9 @@
-"""AdamW (torch, or apex FusedAdam where importable) and the constant-with-warmup schedule."""
+"""AdamW (torch, or apex FusedAdam where importable) and the constant-with-warmup schedule.
+
+torch's AdamW runs fused (one kernel over all parameters, CPU and CUDA in torch >= 2.4) when
+``train.fused_adamw`` is true and the parameters allow it, else the foreach (multi-tensor) path;
+the single-tensor loop is never used (it also reads every step counter back with .item()).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                 "train.optimizer_impl=apex but apex FusedAdam is not usable (%s); using torch AdamW",
                 e,
             )
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch_adamw(params, cfg)
+
+
+def torch_adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW where the device supports it (train.fused_adamw), foreach otherwise."""
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if getattr(cfg, "fused_adamw", True):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError) as e:  # a device / dtype without a fused kernel
+            log.info("fused AdamW not available (%s); using the foreach implementation", e)
+    return torch.optim.AdamW(params, foreach=True, **kw)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

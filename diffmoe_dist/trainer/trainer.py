@@ -50,6 +50,7 @@ from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
 from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
@@ -261,6 +262,11 @@ class Trainer:
         t = self.objective.time_from_uniform(per_sample_uniform(seed, step, ids, TIME_STREAM))
         drop = per_sample_uniform(seed, step, ids, LABEL_DROP_STREAM) < cfg.model.class_dropout_prob
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)  # null class for CFG
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.model.num_classes):  # host tensor
+            raise ValueError(
+                f"class labels must be in [0, {cfg.model.num_classes}] (model.num_classes = null "
+                f"class), got min {int(y.min())}, max {int(y.max())} from the dataset"
+            )
         return tuple(v.to(self.device) for v in (x1.float(), x0, t, y))
 
     def forward_loss(
@@ -308,24 +314,31 @@ class Trainer:
         losses = sums
         # dense over world, experts over expert-data-parallel (waits for the overlapped buckets)
         self.reducer.finish()
-        grad_norm = self.global_grad_norm()
-        if self._nonfinite_step(float(losses["loss"].detach()), grad_norm):
+        grad_norm_t = self.grad_norm_tensor()
+        # The step's one blocking read: every loss, the gradient norm and the ranks' agreement on
+        # finiteness (a MAX all-reduce on the device) come back to the host in one transfer.
+        keys = list(losses)
+        vals = torch.stack([losses[k].float() for k in keys] + [grad_norm_t.float()])
+        bad = (~torch.isfinite(vals[[keys.index("loss"), -1]])).any().float().reshape(1)
+        if self.ps.world_group is not None:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        *host, agreed_bad = torch.cat([vals, bad]).tolist()
+        out = dict(zip(keys, host[:-1]))
+        grad_norm = host[-1]
+        if self._nonfinite_step(out["loss"], grad_norm, agreed_bad=agreed_bad):
             self.optimizer.zero_grad(set_to_none=False)  # skip_step: no update, EMA, thresholds
             self.step += 1
-            out = {k: float(v.detach()) for k, v in losses.items()}
             out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
             return {**out, "skipped": 1.0}
-        if cfg.grad_clip > 0 and grad_norm > cfg.grad_clip:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(cfg.grad_clip / (grad_norm + 1e-6))
+        if cfg.grad_clip > 0:  # on the device: grads *= min(1, clip / (norm + 1e-6)), no read
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm_t)
         self.optimizer.step()
         reduce_thresholds(
             self.model, self.ps
         )  # post-step hook: kth statistics over world, then EMA
         update_ema(self.ema, self.model, cfg.ema_decay)
         self.step += 1
-        out = {k: float(v.detach()) for k, v in losses.items()}
         out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
         return out
 
@@ -341,18 +354,22 @@ class Trainer:
             a[1] += m.stats.kth_count
             m.stats.kth_sum, m.stats.kth_count = a[0].clone(), a[1]
 
-    def _nonfinite_step(self, loss: float, grad_norm: float, applied: bool = False) -> bool:
+    def _nonfinite_step(
+        self, loss: float, grad_norm: float, applied: bool = False, agreed_bad: float | None = None
+    ) -> bool:
         """Apply train.nonfinite to this step's (rank-local) loss and (global) gradient norm.
 
         Every rank agrees (MAX all-reduce of a flag), so all of them skip or all raise. Returns True
         when the step's update must be skipped; raises NonFiniteError to stop. ``applied``: the
         engine has already stepped (DeepSpeed), so skipping is impossible and the run stops.
         """
-        bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
-        if self.ps.world_group is not None:
-            bad = bad.to(self.device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
-        if not bad.item():
+        if agreed_bad is None:  # (the native step agrees on the device and passes agreed_bad)
+            bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
+            if self.ps.world_group is not None:
+                bad = bad.to(self.device)
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+            agreed_bad = bad.item()
+        if not agreed_bad:
             self._skips_in_row = 0
             return False
         step, policy = self.step + 1, self.cfg.train.nonfinite
@@ -408,19 +425,24 @@ class Trainer:
 
     def global_grad_norm(self) -> float:
         """L2 norm of the full (unsharded) gradient: experts' squares summed over the ep group."""
-        dense = torch.zeros((), dtype=torch.float64, device=self.device)
-        expert = torch.zeros((), dtype=torch.float64, device=self.device)
+        return float(self.grad_norm_tensor())
+
+    def grad_norm_tensor(self) -> torch.Tensor:
+        """global_grad_norm as a 0-dim float64 tensor on the device (foreach norms, no host read)."""
+        dense, expert = [], []
         for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().double().pow(2).sum()
-            if is_expert_param(name, p):
-                expert += sq
-            else:
-                dense += sq
+            if p.grad is not None:
+                (expert if is_expert_param(name, p) else dense).append(p.grad.detach())
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def sq(gs: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero
+
+        d, e = sq(dense), sq(expert).clone()
         if self.ps.ep_group is not None and self.ps.ep > 1:
-            dist.all_reduce(expert, group=self.ps.ep_group)
-        return float((dense + expert).sqrt())
+            with COMM_CLOCK.blocking():
+                dist.all_reduce(e, group=self.ps.ep_group)
+        return (d + e).sqrt()
 
     # ------------------------------------------------------------------------------------------------
     def _reduced(self, values: dict[str, float]) -> dict[str, float]:

@@ -59,18 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     scores = DigitsJudge.load_or_fit().evaluate(samples["arr_0"], samples["labels"])
     report = json.loads((Path(args.run_dir) / "samples" / "sample_report.json").read_text())
     last = read_metrics(args.run_dir)[-1]
+    # --set objective=ddpm (with sample.sampler=ddpm or ddim) logs ddpm_loss instead of flow_loss
+    objective_key = "ddpm_loss" if "ddpm_loss" in last else "flow_loss"
     print("\n=== diffmoe-demo: final metrics ===")
     rows = {
         "steps": last["step"],
-        "final loss (flow + predictor)": f"{last['loss']:.4f}",
-        "final flow loss": f"{last['flow_loss']:.4f}",
+        "final loss (objective + predictor)": f"{last['loss']:.4f}",
+        f"final {objective_key.replace('_', ' ')}": f"{last[objective_key]:.4f}",
         "sample accuracy vs label": f"{scores['accuracy']:.3f}  (chance 0.100; real held-out digits ~0.96)",
         "Frechet distance to held-out": f"{scores['fd']:.1f}  (noise ~1600; 300 real training digits ~63)",
         "C_infer": f"{report['c_infer']:.3f}  ({report['infer_mode']} rule)",
         "grid": str(Path(args.run_dir) / "samples" / "grid.png"),
     }
+    width = max(len(k) for k in rows)
     for k, v in rows.items():
-        print(f"{k:>32}: {v}")
+        print(f"{k:>{width}}: {v}")
     return 0
 
 

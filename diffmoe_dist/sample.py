@@ -5,6 +5,11 @@ sharded as in training; writes a labelled PNG grid, optionally an ``.npz`` (uint
     diffmoe-sample --run-dir runs/digits [--set sample.cfg_scale=2 --set moe.infer_mode=dynamic]
     torchrun --nproc-per-node 2 -m diffmoe_dist.sample --run-dir runs/digits --set parallel.ep=2
 
+The sampler belongs to the checkpoint's objective (``objective``): flow samples with ``sample.sampler``
+euler | heun | dopri5 | sde, ddpm with ddpm (ancestral, respaced to ``sample.num_steps``) | ddim; see
+transport/objective.py. ``sample.cfg_pool: auto`` picks separate CFG forwards under flow and one
+joint forward under ddpm (the public code's choice).
+
 The inference rule comes from ``moe.infer_mode`` (static | dynamic | gamma | independent), with
 ``moe.infer_capacity`` (static) and ``moe.gamma`` (gamma). Pools at inference are pool_samples
 samples of a rank's batch when they tile it, else the whole batch (see models/moe.py).

@@ -142,7 +142,17 @@ def list_checkpoints(ckpt_root: str | os.PathLike[str]) -> list[Path]:
 
 
 def verify_checkpoint(path: Path, full: bool = True) -> str | None:
-    """None when ``path`` matches its manifest, else a message naming the bad file."""
+    """None when ``path`` matches its manifest, else a message naming the bad file.
+
+    A checkpoint removed while it is checked (a live trainer pruning it) is reported, not raised.
+    """
+    try:
+        return _verify(path, full)
+    except FileNotFoundError as e:
+        return f"{e.filename or path} is missing (removed while it was checked)"
+
+
+def _verify(path: Path, full: bool) -> str | None:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return f"{manifest_path} is missing (incomplete checkpoint)"

@@ -357,7 +357,7 @@ def test_ctrl_c_under_torchrun_saves_then_resumes(tmp_path: Path) -> None:
 def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # a batch big enough that one step takes seconds: the second SIGINT lands inside the step
-    proc = start_train(run, "train.steps=100000", "train.global_batch_size=4096")
+    proc = start_train(run, "train.steps=100000", "train.global_batch_size=8192")
     wait_for_step(run, 1, proc, timeout_s=180)
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.8)  # longer than preemption.SIGINT_DEBOUNCE_S: a second Ctrl-C

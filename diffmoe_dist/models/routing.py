@@ -17,6 +17,10 @@ def topk_mask(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     Returns a bool mask [P, S, E] with exactly min(k, S) True entries per (pool, expert).
     """
     P, S, E = scores.shape
+    # A diverged model (NaN activations) must still get exactly k per expert, so that the static
+    # shapes downstream hold and the trainer's non-finite check sees the NaN loss instead of an
+    # IndexError: NaN ranks below every number (NaN compares False with everything).
+    scores = scores.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     if isinstance(k, int):
         k = max(0, min(k, S))
         if k == 0:

@@ -47,6 +47,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from diffmoe_dist.config import Config, config_hash_fields
 from diffmoe_dist.fsutil import atomic_write_json, fsync_dir, sha256_file
 from diffmoe_dist.models.moe import StackedExperts
+from diffmoe_dist.parallel.distributed import (
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    run_on_rank0,
+)
 
 log = logging.getLogger(__name__)
 CKPT_PREFIX = "step-"
@@ -296,10 +302,8 @@ def load_checkpoint(
 
 def _agree(path: Path | None, rank: int, group: dist.ProcessGroup | None) -> Path | None:
     """Rank 0's answer on every rank (ranks could otherwise see different 'latest' checkpoints)."""
-    box: list[str | None] = [str(path) if path is not None else None]
-    if group is not None:
-        dist.broadcast_object_list(box, src=0, group=group)
-    return Path(box[0]) if box[0] else None
+    box = broadcast_object(str(path) if path is not None else None, group)
+    return Path(box) if box else None
 
 
 def load_for_reading(
@@ -333,8 +337,7 @@ def load_for_reading(
             error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         errors = [error]
         if group is not None:  # objects, not tensors: works on gloo and nccl groups alike
-            errors = [None] * dist.get_world_size(group)
-            dist.all_gather_object(errors, error, group=group)
+            errors = all_gather_objects(error, group)
         if all(e is None for e in errors):
             return current, meta
         error = next(e for e in errors if e is not None)
@@ -423,8 +426,7 @@ class CheckpointManager:
         self._barrier()
 
     def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+        barrier(self.group)
 
     def save(
         self,
@@ -463,12 +465,22 @@ class CheckpointManager:
         except (OSError, CheckpointException) as e:  # collective: every rank gets the failure
             error = self._failed(e, tmp, step, need)
             self._raise_agreed(error, tmp)
-        if self.rank == 0:
+
+        # Rank 0 hashes every file (tens of GB for L/XL) while the others wait on the store with
+        # parallel.ckpt_timeout_s, not in a collective bound to parallel.timeout_s (run_on_rank0);
+        # its result ("" or the one-line error) reaches every rank, so all return or all raise.
+        def publish() -> str:
             try:
                 self._publish(step, tmp, final, extra)
             except OSError as e:
-                error = self._failed(e, tmp, step, need)
-        self._raise_agreed(error, tmp)  # also the barrier: every rank returns after the publish
+                return self._failed(e, tmp, step, need)
+            return ""
+
+        error = run_on_rank0(
+            publish, self.group, self.cfg.parallel.ckpt_timeout_s, f"saving checkpoint {final}"
+        )
+        if error:
+            raise CheckpointWriteError(error)
         return final
 
     def _publish(self, step: int, tmp: Path, final: Path, extra: dict[str, Any] | None) -> None:
@@ -552,10 +564,7 @@ class CheckpointManager:
 
     def _raise_agreed(self, error: str | None, tmp: Path) -> None:
         """Every rank learns rank 0's (or its own) error; the half-written save is removed."""
-        errors = [error]
-        if self.group is not None:
-            errors = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(errors, error, group=self.group)
+        errors = all_gather_objects(error, self.group)
         first = next((e for e in errors if e is not None), None)
         if first is None:
             return
@@ -589,9 +598,7 @@ class CheckpointManager:
         problem: str | None = None
         if self.rank == 0 and list_checkpoints(self.root):
             problem = no_verified_checkpoint_message(self.root)
-        box = [problem]
-        if self.group is not None:
-            dist.broadcast_object_list(box, src=0, group=self.group)
+        box = [broadcast_object(problem, self.group)]
         if box[0] is None:
             return None
         if not allow_restart:
@@ -605,7 +612,15 @@ class CheckpointManager:
 
     def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest checkpoint that matches its manifest; every rank gets the answer."""
-        return _agree(latest_verified(self.root) if self.rank == 0 else None, self.rank, self.group)
+        # Rank 0 hashes every file, which can take longer than parallel.timeout_s: the others wait
+        # on the store with parallel.ckpt_timeout_s (run_on_rank0), not in a broadcast.
+        choice = run_on_rank0(
+            lambda: str(latest_verified(self.root) or "") if self.rank == 0 else "",
+            self.group,
+            self.cfg.parallel.ckpt_timeout_s,
+            f"verifying checkpoints in {self.root}",
+        )
+        return Path(choice) if choice else None
 
     def check_compatible(self, path: Path) -> dict[str, Any]:
         return check_compatible(path, self.cfg)

@@ -127,6 +127,9 @@ class ParallelConfig:
     groups: str = "torch"  # torch | deepspeed | megatron
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     timeout_s: int = 300  # process-group timeout: a hung collective fails instead of hanging
+    # How long the other ranks wait for rank 0 to hash and publish a checkpoint (not a collective,
+    # so parallel.timeout_s does not bound it; parallel/distributed.py run_on_rank0).
+    ckpt_timeout_s: int = 3600
     dedup_tokens: bool = False  # send a token once per destination rank, not once per expert
 
 
@@ -487,6 +490,7 @@ def validate(cfg: Config) -> None:
     _choice(p.groups, ("torch", "deepspeed", "megatron"), "parallel.groups")
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _positive(p.timeout_s, "parallel.timeout_s")
+    _positive(p.ckpt_timeout_s, "parallel.ckpt_timeout_s")
     s = cfg.sample
     _choice(s.sampler, SAMPLERS, "sample.sampler")
     _choice(s.cfg_pool, ("auto", "joint", "separate"), "sample.cfg_pool")

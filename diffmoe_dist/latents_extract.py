@@ -233,8 +233,7 @@ def extract(
 ) -> dict[str, Any]:
     """Run (or resume) an extraction on this rank. Every rank of ``group`` calls it; rank 0 returns
     the summary with the manifest path, the others a summary of their own work."""
-    import torch.distributed as dist
-
+    from diffmoe_dist.parallel.distributed import all_reduce, barrier
     from diffmoe_dist.vae import load_vae
 
     device = torch.device(device)
@@ -250,8 +249,7 @@ def extract(
             _check_plan(plan_path, json.loads(plan_path.read_text()), plan)
         else:
             atomic_write_bytes(plan_path, json.dumps(plan).encode())
-    if group is not None:
-        dist.barrier(group=group)
+    barrier(group)
     plan = json.loads(plan_path.read_text())
     vae = load_vae(vae_path, device)
     o = plan["options"]
@@ -278,11 +276,10 @@ def extract(
     }
     if group is not None:
         t = torch.tensor([len(mine) - len(todo), len(todo)], dtype=torch.long, device=device)
-        dist.all_reduce(t, group=group)
+        all_reduce(t, group, device)
         summary["shards_skipped"], summary["shards_written"] = t.tolist()
     if rank == 0:
         summary["manifest"] = str(write_manifest(out, plan))
         summary["count"] = len(plan["files"])
-    if group is not None:
-        dist.barrier(group=group)  # nobody exits before the manifest is verified
+    barrier(group)  # nobody exits before the manifest is verified
     return summary

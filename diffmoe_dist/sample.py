@@ -46,7 +46,13 @@ from diffmoe_dist.checkpoint import (
 )
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.parallel.distributed import cleanup, init_distributed
+from diffmoe_dist.parallel.distributed import (
+    all_reduce_host,
+    barrier,
+    cleanup,
+    gather_rows_to_rank0,
+    init_distributed,
+)
 from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
@@ -94,7 +100,7 @@ class CapacityMeter:
         if group is None or not self.pairs:
             return
         t = torch.tensor([self.pairs, self.tokens], dtype=torch.float64)
-        dist.all_reduce(t, group=group)
+        t = all_reduce_host(t, group, self.device or torch.device("cpu"))  # via the device (NCCL)
         self.pairs, self.tokens = [int(v) for v in t[0].tolist()], [int(v) for v in t[1].tolist()]
 
     def summary(self) -> dict[str, Any]:
@@ -344,8 +350,7 @@ def sample_from_checkpoint(
     done: set[int] = set()
     if parts_dir is not None:
         done = _parts_prepare(parts_dir, _run_fingerprint(cfg, ckpt, labels), n, rank)
-    if ps.world_group is not None:
-        dist.barrier(group=ps.world_group)  # every rank has listed the parts before any is written
+    barrier(ps.world_group)  # every rank has listed the parts before any is written
     todo = torch.tensor(sorted(set(range(n)) - done), dtype=torch.long)
     per_rank = math.ceil(len(todo) / W)
     # Every rank runs the same number of equally sized batches (the dispatcher's collectives need it);
@@ -374,17 +379,13 @@ def sample_from_checkpoint(
     meter.reduce(ps.world_group)
     result = None
     if parts_dir is not None:
-        if ps.world_group is not None:
-            dist.barrier(group=ps.world_group)  # all parts are on disk
+        barrier(ps.world_group)  # all parts are on disk
         if rank == 0:
             result, meter.pairs, meter.tokens = _read_parts(parts_dir, n)
     else:
-        local = torch.cat(outs)
-        if ps.world_group is not None:
-            gathered = [torch.empty_like(local) for _ in range(W)]
-            dist.all_gather(gathered, local, group=ps.world_group)
-            local = torch.cat(gathered)
-        result = local[:n].numpy() if rank == 0 else None
+        # uint8 images [per_rank, H, W, C] travel through the device (NCCL takes CUDA tensors only)
+        gathered = gather_rows_to_rank0(torch.cat(outs), ps.world_group, info.device)
+        result = gathered[:n].numpy() if gathered is not None else None
     report = {
         "checkpoint": str(ckpt),
         "num_samples": n,

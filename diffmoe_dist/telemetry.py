@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from diffmoe_dist.models.moe import MoEStats
+from diffmoe_dist.parallel.distributed import all_reduce_host
 
 NUM_T_BUCKETS = 10
 
@@ -189,9 +190,8 @@ class ExpertTelemetry:
         parts = [self.counts, self.sizes, self.pr, self.has_pred, self.bucket, self.label]
         parts += [self.timing, self.peak_mb]
         if group is not None:
-            packed = torch.cat([p.flatten() for p in parts]).to(device or "cpu")
-            dist.all_reduce(packed, group=group)
-            packed = packed.cpu()
+            packed = torch.cat([p.flatten() for p in parts])
+            packed = all_reduce_host(packed, group, device or torch.device("cpu"))
             off = 0
             for p in parts:
                 p.copy_(packed[off : off + p.numel()].view_as(p))

@@ -25,6 +25,8 @@ computes the same top-k. Every byte sent to or received from another rank is log
 ``bytes_log[layer_id]`` (tokens forward and backward, scores, counts) until ``reset()``.
 Wall time spent inside these collectives (forward, and the token all-to-alls' backward) accumulates
 in ``comm_time_s`` (seconds, not reset by ``reset()``; diffmoe_dist/telemetry.py reads and zeroes it).
+On CUDA it is measured with CUDA events on the current stream (``CommClock``): an NCCL call returns
+once it is queued, so a host clock would read about 0 and count the wait as compute.
 """
 
 from __future__ import annotations
@@ -42,6 +44,47 @@ from diffmoe_dist.parallel.comm import (
     all_to_all_single,
     exchange_counts,
 )
+
+
+class CommClock:
+    """Time spent in collectives: ``time.perf_counter`` on CPU, CUDA events on a GPU.
+
+    ``start(device)`` / ``stop(token)`` bracket one collective. On CUDA both ends are events recorded
+    on the current stream, which waits for the NCCL stream when the collective completes; the
+    elapsed times are read (one synchronisation on the last event) only when ``seconds`` is asked
+    for, i.e. at the trainer's log or step boundary, never inside the forward.
+    """
+
+    def __init__(self) -> None:
+        self.host_s = 0.0
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self, device: torch.device) -> tuple[str, object]:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ("cuda", ev)
+        return ("host", time.perf_counter())
+
+    def stop(self, token: tuple[str, object]) -> None:
+        kind, begin = token
+        if kind == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((begin, end))  # type: ignore[arg-type]
+        else:
+            self.host_s += time.perf_counter() - begin  # type: ignore[operator]
+
+    def seconds(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()  # events complete in stream order
+            self.host_s += sum(a.elapsed_time(b) for a, b in self.pending) / 1e3  # ms -> s
+            self.pending.clear()
+        return self.host_s
+
+    def reset(self) -> None:
+        self.host_s, self.pending = 0.0, []
+
 
 BYTE_KEYS = (
     "tokens_sent",  # forward: dispatch + return all-to-all
@@ -83,7 +126,7 @@ class AllToAllDispatcher:
         self.pool_span, self.pool_index, self.pool_group = pool_span, pool_index, pool_group
         self.layer_id, self.use_loop, self.dedup_tokens = layer_id, use_loop, dedup_tokens
         self.bytes_log: dict[int, dict[str, int]] = {}
-        self.comm_time_s = 0.0  # wall time inside this dispatcher's collectives (fwd + bwd)
+        self.clock = CommClock()  # time inside this dispatcher's collectives (fwd + bwd)
         self.elem_bytes = (
             4  # element size of the last tokens dispatched (for the theoretical minimum)
         )
@@ -91,6 +134,16 @@ class AllToAllDispatcher:
 
     def reset(self) -> None:
         self.bytes_log = {self.layer_id: dict.fromkeys(BYTE_KEYS, 0)}
+
+    @property
+    def comm_time_s(self) -> float:
+        """Seconds inside this dispatcher's collectives since it was last set to 0."""
+        return self.clock.seconds()
+
+    @comm_time_s.setter
+    def comm_time_s(self, value: float) -> None:
+        self.clock.reset()
+        self.clock.host_s = float(value)
 
     def _log(self, kind: str, sent: int, recv: int) -> None:
         rec = self.bytes_log[self.layer_id]
@@ -109,9 +162,9 @@ class AllToAllDispatcher:
             return counts.tolist(), None
         El = E // ep
         send = counts.to(torch.long).view(ep, El)  # block j -> rank j
-        t0 = time.perf_counter()
+        tok = self.clock.start(counts.device)
         recv = exchange_counts(send, self.ep_group)  # [ep, El] from source i
-        self.comm_time_s += time.perf_counter() - t0
+        self.clock.stop(tok)
         row = El * send.element_size()
         self._log("counts", row * (ep - 1), row * (ep - 1))
         both = torch.cat([send.flatten(), recv.flatten()]).tolist()
@@ -122,9 +175,9 @@ class AllToAllDispatcher:
         """[N_local, E] -> [pool_span * N_local, E], global token order (ranks are consecutive)."""
         if self.pool_span == 1:
             return t
-        t0 = time.perf_counter()
+        tok = self.clock.start(t.device)
         out = all_gather_rows(t.detach(), self.pool_group)
-        self.comm_time_s += time.perf_counter() - t0
+        self.clock.stop(tok)
         own = t.numel() * t.element_size()
         self._log("scores", own * (self.pool_span - 1), out.numel() * out.element_size() - own)
         return out
@@ -239,9 +292,9 @@ class AllToAllDispatcher:
         uniq_per_dest = torch.bincount(uniq // n_tok, minlength=ep)  # [ep]
         slot = inv - (torch.cumsum(uniq_per_dest, 0) - uniq_per_dest)[dest]  # [M] within chunk
         send_meta = torch.cat([counts.view(ep, El), uniq_per_dest[:, None]], 1)  # [ep, El+1]
-        t0 = time.perf_counter()
+        tok = self.clock.start(x.device)
         recv_meta = exchange_counts(send_meta, self.ep_group)
-        self.comm_time_s += time.perf_counter() - t0
+        self.clock.stop(tok)
         row = (El + 1) * send_meta.element_size()
         self._log("counts", row * (ep - 1), row * (ep - 1))
         recv_counts, recv_uniq = recv_meta[:, :El], recv_meta[:, El]
@@ -280,9 +333,9 @@ class AllToAllDispatcher:
         """all_to_all_single, its wall time added to comm_time_s in forward and in backward."""
         if x.requires_grad:
             x = _GradClock.apply(x, self, "end")  # its backward runs right after the a2a backward
-        t0 = time.perf_counter()
+        tok = self.clock.start(x.device)
         out = all_to_all_single(x, in_splits, out_splits, group, counter)
-        self.comm_time_s += time.perf_counter() - t0
+        self.clock.stop(tok)
         return _GradClock.apply(out, self, "start") if out.requires_grad else out
 
 
@@ -296,12 +349,11 @@ class _GradClock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        now = time.perf_counter()
         if ctx.edge == "start":
-            ctx.owner._bwd_t0 = now
-        elif getattr(ctx.owner, "_bwd_t0", None) is not None:
-            ctx.owner.comm_time_s += now - ctx.owner._bwd_t0
-            ctx.owner._bwd_t0 = None
+            ctx.owner._bwd_tok = ctx.owner.clock.start(grad.device)
+        elif getattr(ctx.owner, "_bwd_tok", None) is not None:
+            ctx.owner.clock.stop(ctx.owner._bwd_tok)
+            ctx.owner._bwd_tok = None
         return grad, None, None
 
 

@@ -35,6 +35,7 @@ from diffmoe_dist.config import Config
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
 from diffmoe_dist.parallel.comm import COMM_CLOCK
+from diffmoe_dist.parallel.distributed import all_reduce
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 
 GRAD_REDUCE_MODES = ("overlap", "flat")
@@ -199,7 +200,7 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: ProcessGroup, scale: floa
         by_dtype.setdefault(g.dtype, []).append(g)
     for ts in by_dtype.values():
         flat = _flatten_dense_tensors(ts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        all_reduce(flat, group, ts[0].device)  # gradients live on the parameters' device
         flat.mul_(scale)
         for t, r in zip(ts, _unflatten_dense_tensors(flat, ts)):
             t.copy_(r)
@@ -258,7 +259,7 @@ def reduce_thresholds(model: nn.Module, ps: ParallelState) -> None:
     )
     if ps.world_size > 1:
         with COMM_CLOCK.blocking():
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ps.world_group)
+            all_reduce(packed, ps.world_group, packed.device)  # the thresholds' device
     start = 0
     for m in layers:
         E = m.stats.kth_sum.numel()

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from diffmoe_dist.config import Config, config_hash_fields
 from diffmoe_dist.models.moe import MoELayer
-from diffmoe_dist.parallel.distributed import DistInfo
+from diffmoe_dist.parallel.distributed import DistInfo, barrier
 from diffmoe_dist.parallel.groups import init_deepspeed_comm
 from diffmoe_dist.parallel.parallelize import reduce_thresholds
 from diffmoe_dist.trainer.optim import lr_at, set_lr
@@ -362,8 +362,7 @@ class DeepSpeedTrainer(Trainer):
         return tag_dir
 
     def _barrier(self) -> None:
-        if self.ps.world_group is not None:
-            torch.distributed.barrier(group=self.ps.world_group)
+        barrier(self.ps.world_group)
 
     def _resume(self) -> None:
         if self.engine is None:  # called by Trainer.__init__ before stage 6: wait for the engine

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from diffmoe_dist.checkpoint import CheckpointManager
 from diffmoe_dist.config import Config, save_config, validate_layout
@@ -51,7 +50,12 @@ from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.parallel.comm import COMM_CLOCK
-from diffmoe_dist.parallel.distributed import DistInfo, init_distributed
+from diffmoe_dist.parallel.distributed import (
+    DistInfo,
+    all_reduce,
+    broadcast_object,
+    init_distributed,
+)
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
     ParallelState,
@@ -184,10 +188,7 @@ class Trainer:
                 problem = str(e)
             except OSError as e:
                 problem = f"run.dir '{self.run_dir}' is not writable: {e}"
-        if self.ps.world_group is not None:
-            box = [problem]
-            dist.broadcast_object_list(box, src=0, group=self.ps.world_group)
-            problem = box[0]
+        problem = broadcast_object(problem, self.ps.world_group)
         if problem is not None:
             self.run_lock.release()
             raise ValueError(problem)
@@ -320,8 +321,7 @@ class Trainer:
         keys = list(losses)
         vals = torch.stack([losses[k].float() for k in keys] + [grad_norm_t.float()])
         bad = (~torch.isfinite(vals[[keys.index("loss"), -1]])).any().float().reshape(1)
-        if self.ps.world_group is not None:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        all_reduce(bad, self.ps.world_group, self.device, "max")
         *host, agreed_bad = torch.cat([vals, bad]).tolist()
         out = dict(zip(keys, host[:-1]))
         grad_norm = host[-1]
@@ -366,8 +366,7 @@ class Trainer:
         if agreed_bad is None:  # (the native step agrees on the device and passes agreed_bad)
             bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
             if self.ps.world_group is not None:
-                bad = bad.to(self.device)
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+                bad = all_reduce(bad.to(self.device), self.ps.world_group, self.device, "max")
             agreed_bad = bad.item()
         if not agreed_bad:
             self._skips_in_row = 0
@@ -407,8 +406,7 @@ class Trainer:
             for t in (*module.parameters(), *module.buffers()):
                 if t.is_floating_point():
                     bad += (~torch.isfinite(t)).sum()
-        if self.ps.world_group is not None:
-            dist.all_reduce(bad, group=self.ps.world_group)
+        all_reduce(bad, self.ps.world_group, self.device)
         if bad.item():
             last = f"step-{self._last_saved:08d}" if self._last_saved else "none yet"
             raise NonFiniteError(
@@ -441,7 +439,7 @@ class Trainer:
         d, e = sq(dense), sq(expert).clone()
         if self.ps.ep_group is not None and self.ps.ep > 1:
             with COMM_CLOCK.blocking():
-                dist.all_reduce(e, group=self.ps.ep_group)
+                all_reduce(e, self.ps.ep_group, self.device)
         return (d + e).sqrt()
 
     # ------------------------------------------------------------------------------------------------
@@ -451,14 +449,12 @@ class Trainer:
             return values
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.ps.world_group)
-        return dict(zip(keys, (t / self.world_size).tolist()))
+        return dict(zip(keys, all_reduce(t, self.ps.world_group, self.device, "mean").tolist()))
 
     def _stop_agreed(self) -> int:
         """preemption.NONE / INTERRUPT (SIGINT) / PREEMPT (SIGUSR1, SIGTERM), the MAX over ranks."""
         flag = torch.tensor([float(preemption.kind())], device=self.device)
-        if self.ps.world_group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ps.world_group)
+        all_reduce(flag, self.ps.world_group, self.device, "max")
         return int(flag.item())
 
     def moe_metrics(self) -> dict[str, Any]:
@@ -471,7 +467,7 @@ class Trainer:
         sizes = torch.tensor([[s.pairs, s.tokens] for s in stats], dtype=torch.float64)
         if self.ps.world_group is not None:
             packed = torch.cat([counts, sizes], dim=1).to(self.device)
-            dist.all_reduce(packed, group=self.ps.world_group)
+            all_reduce(packed, self.ps.world_group, self.device)
             counts, sizes = packed[:, :-2].cpu(), packed[:, -2:].cpu()
         out: dict[str, Any] = {**tele, "capacity_per_layer": (sizes[:, 0] / sizes[:, 1]).tolist()}
         out["tokens_per_expert"] = counts.long().tolist()

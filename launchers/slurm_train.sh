@@ -13,8 +13,18 @@
 #   RUN_DIR         run directory: checkpoints, metrics, logs (runs/$SLURM_JOB_NAME)
 #                   Keep it fixed to resume: a rerun with the same RUN_DIR continues from its
 #                   latest complete checkpoint.
-#   GPUS_PER_NODE   GPUs to use per node                      (all that nvidia-smi lists)
-#   NPROC_PER_NODE  workers per node                          (GPUS_PER_NODE; 2 on a CPU-only node)
+#   DEVICE          cuda | cpu                                (cuda)
+#                   cuda: the job must have GPUs (--gpus-per-node); without one it stops with an
+#                   error instead of training on CPU. cpu: gloo workers on CPU, GPUs or not.
+#   GPUS_PER_NODE   GPUs to use per node                      (all the job may use on the node:
+#                   CUDA_VISIBLE_DEVICES, SLURM_STEP_GPUS / SLURM_JOB_GPUS / SLURM_GPUS_ON_NODE;
+#                   launchers/gpus.sh)
+#   NPROC_PER_NODE  workers per node                          (GPUS_PER_NODE; 2 with DEVICE=cpu)
+#   CPUS_PER_TASK   CPUs of the one srun task per node, shared by its workers
+#                   ($SLURM_CPUS_ON_NODE: every CPU the job holds on the node). Passed to srun
+#                   explicitly: srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05), and
+#                   under core binding a step without it puts every worker on one core. Each
+#                   worker gets OMP_NUM_THREADS = CPUS_PER_TASK / NPROC_PER_NODE unless already set.
 #   RDZV_HOST       rendezvous host                           (first node of the job)
 #   RDZV_PORT       rendezvous port                           (29500 + job id mod 1000)
 #   RDZV_JOIN_TIMEOUT  seconds the agents wait for each other (300)
@@ -48,7 +58,7 @@
 # Cluster-specific lines: remove one "#" to enable.
 ##SBATCH --time=04:00:00
 ##SBATCH --gpus-per-node=8
-##SBATCH --cpus-per-task=64
+##SBATCH --cpus-per-task=64         # CPUs per node for all its workers (one task per node)
 ##SBATCH --exclusive
 set -euo pipefail
 
@@ -86,27 +96,45 @@ RUN_DIR=$(realpath "$RUN_DIR")
 
 command -v "$TORCHRUN" >/dev/null || die "'$TORCHRUN' not found on PATH (set TORCHRUN or activate the env)"
 
-gpus_present=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-  gpus_present=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-fi
-if [[ -n ${GPUS_PER_NODE:-} ]]; then
-  [[ $GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' is not a number"
-  ((GPUS_PER_NODE <= gpus_present)) ||
-    die "GPUS_PER_NODE=$GPUS_PER_NODE but nvidia-smi finds $gpus_present GPU(s) on $(hostname)"
-else
-  GPUS_PER_NODE=$gpus_present
-fi
-if ((GPUS_PER_NODE > 0)); then
+# shellcheck source=launchers/gpus.sh
+source "$REPO_DIR/launchers/gpus.sh"
+DEVICE=${DEVICE:-cuda}
+device_args=()
+if [[ $DEVICE == cuda ]]; then
+  gpus_visible=$(count_gpus)
+  ((gpus_visible > 0)) ||
+    die "no GPU allocated to this job on $(hostname) (CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS and" \
+      "SLURM_GPUS_ON_NODE are empty): add --gpus-per-node=N to the sbatch line, or set DEVICE=cpu" \
+      "to train on CPU"
+  if [[ -n ${GPUS_PER_NODE:-} ]]; then
+    [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "GPUS_PER_NODE='$GPUS_PER_NODE' is not a positive number"
+    ((GPUS_PER_NODE <= gpus_visible)) ||
+      die "GPUS_PER_NODE=$GPUS_PER_NODE but this job may use $gpus_visible GPU(s) on $(hostname)"
+  else
+    GPUS_PER_NODE=$gpus_visible
+  fi
   NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS_PER_NODE}
+  [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE='$NPROC_PER_NODE' is not a positive number"
   ((NPROC_PER_NODE <= GPUS_PER_NODE)) ||
     die "NPROC_PER_NODE=$NPROC_PER_NODE is more than GPUS_PER_NODE=$GPUS_PER_NODE"
   backend="nccl, $GPUS_PER_NODE GPU(s) per node"
-else
+elif [[ $DEVICE == cpu ]]; then
   NPROC_PER_NODE=${NPROC_PER_NODE:-2}
-  backend="gloo on CPU (no GPU found)"
+  device_args=(--set parallel.backend=gloo)
+  backend="gloo on CPU (DEVICE=cpu)"
+else
+  die "DEVICE='$DEVICE' is not cuda or cpu"
 fi
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE='$NPROC_PER_NODE' is not a positive number"
+CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+cpu_args=()
+if [[ -n $CPUS_PER_TASK ]]; then
+  [[ $CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] || die "CPUS_PER_TASK='$CPUS_PER_TASK' is not a positive number"
+  cpu_args=(--cpus-per-task="$CPUS_PER_TASK")
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(((CPUS_PER_TASK / NPROC_PER_NODE) > 0 ? CPUS_PER_TASK / NPROC_PER_NODE : 1))}
+  ((CPUS_PER_TASK >= NPROC_PER_NODE)) ||
+    log "warning: $CPUS_PER_TASK CPU(s) per node for $NPROC_PER_NODE workers; add --cpus-per-task to the sbatch line"
+fi
 
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 RDZV_HOST=${RDZV_HOST:-$HEAD_NODE}
@@ -116,13 +144,13 @@ getent hosts "$RDZV_HOST" >/dev/null ||
 RDZV_PORT=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NODES node(s) x" \
-  "$NPROC_PER_NODE worker(s), $backend; rendezvous $RDZV_HOST:$RDZV_PORT"
+  "$NPROC_PER_NODE worker(s), $backend, ${CPUS_PER_TASK:-default} CPU(s) per node; rendezvous $RDZV_HOST:$RDZV_PORT"
 log "config $CONFIG, run dir $RUN_DIR, extra args: $*"
 
 # ---- launch ---------------------------------------------------------------------------------------
 # One task per node; inside it the agent ignores USR1 (see the header), its workers handle it.
 # shellcheck disable=SC2016  # expanded by the inner bash, on each node
-srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label \
+srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 "${cpu_args[@]}" --kill-on-bad-exit=1 --label \
   bash -c 'trap "" USR1; exec "$0" "$@"' \
   "$TORCHRUN" \
   --nnodes="$NODES" \
@@ -135,6 +163,7 @@ srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
   -m diffmoe_dist.train \
   --config "$CONFIG" \
   --set "run.dir=$RUN_DIR" \
+  "${device_args[@]}" \
   "$@" &
 srun_pid=$!
 

@@ -331,3 +331,59 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path: Path) -> N
     for key, value in want.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(got[key], value), key
+
+
+# ---- GPU counting (launchers/gpus.sh) ---------------------------------------------------------------
+# No GPU here: the physical count is injected with a stand-in `nvidia-smi` that lists 8 GPUs, which is
+# what a bare 8-GPU node reports whatever CUDA_VISIBLE_DEVICES or SLURM allocated to the job.
+GPU_ENV = (
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_GPUS",
+    "SLURM_JOB_GPUS",
+    "SLURM_GPUS_ON_NODE",
+)
+
+
+@pytest.fixture(scope="module")
+def fake_smi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bin_dir = tmp_path_factory.mktemp("fake_bin")
+    smi = bin_dir / "nvidia-smi"
+    lines = "\n".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})" for i in range(8))
+    smi.write_text(f"#!/bin/sh\ncat <<'X'\n{lines}\nX\n")
+    smi.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, 8),  # no scheduler, nothing set: every GPU nvidia-smi lists
+        ({"CUDA_VISIBLE_DEVICES": "2,5"}, 2),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, 0),
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0,1,2,3"}, 4),
+        ({"SLURM_JOB_ID": "7", "SLURM_STEP_GPUS": "3", "SLURM_JOB_GPUS": "0,1,2,3"}, 1),
+        ({"SLURM_JOB_ID": "7", "SLURM_GPUS_ON_NODE": "4"}, 4),
+        ({"SLURM_JOB_ID": "7"}, 0),  # a job allocated no GPU, on a node that has 8
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "1"}, 1),
+    ],
+)
+def test_count_gpus(fake_smi: Path, env: dict[str, str], want: int) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in GPU_ENV}
+    base["PATH"] = f"{fake_smi}{os.pathsep}{base['PATH']}"
+    proc = subprocess.run(
+        ["bash", "-c", f"source {REPO / 'launchers' / 'gpus.sh'}; count_gpus"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(want)
+
+
+def test_torchrun_local_device_cuda_refuses_without_gpu() -> None:
+    proc = _run_launcher("torchrun_local.sh", {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2
+    assert "DEVICE=cuda but no GPU is visible" in proc.stderr

@@ -67,6 +67,8 @@ def slurm_env() -> Iterator[dict[str, str]]:
     }
     env.update(SLURM_STATE_DIR=str(STATE_DIR), SLURM_CONF=str(STATE_DIR / "etc" / "slurm.conf"))
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # This cluster has no GPU: training jobs ask for CPU (without it the launcher refuses, tested below).
+    env["DEVICE"] = "cpu"
     was_running = (
         subprocess.run([str(CLUSTER), "status"], env=env, capture_output=True).returncode == 0
     )
@@ -195,7 +197,12 @@ def test_launcher_outside_slurm_refuses(slurm_env: dict[str, str]) -> None:
             "config file 'configs/does-not-exist.yaml' does not exist",
         ),
         ({"RUN_DIR": "/proc/diffmoe-run"}, "cannot create run dir '/proc/diffmoe-run'"),
-        ({"GPUS_PER_NODE": "64"}, "GPUS_PER_NODE=64 but nvidia-smi finds"),
+        ({"DEVICE": "cuda"}, "no GPU allocated to this job"),
+        (  # GPUs a job may use come from CUDA_VISIBLE_DEVICES / SLURM, not from nvidia-smi
+            {"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0,1", "GPUS_PER_NODE": "64"},
+            "GPUS_PER_NODE=64 but this job may use 2 GPU(s)",
+        ),
+        ({"DEVICE": "tpu"}, "DEVICE='tpu' is not cuda or cpu"),
         (
             {"RDZV_HOST": "no-such-head.invalid"},
             "rendezvous host 'no-such-head.invalid' does not resolve",

@@ -19,21 +19,45 @@ ignored (under 1% of a step). ``tests/test_flops.py`` checks the forward count a
 
 from __future__ import annotations
 
+import re
+
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.models.routing import capacity_k
 
 FREQ_EMBED = 256  # TimestepEmbedder's sinusoidal frequency size
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched by substring of the device name; the
-# more specific names come first.
-PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12}
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, per (family, form factor) from NVIDIA's data
+# sheets: the NVL and PCIe boards run lower clocks / power than SXM. Half of the "with sparsity"
+# figures: H100 NVL and H200 NVL 1671 TFLOP/s sparse -> 835.5 dense.
+PEAK_BF16 = {
+    ("H100", "SXM"): 989.4e12,
+    ("H100", "PCIE"): 756.0e12,
+    ("H100", "NVL"): 835.5e12,
+    ("H200", "SXM"): 989.4e12,
+    ("H200", "NVL"): 835.5e12,
+    ("GH200", "SXM"): 989.4e12,
+    ("A100", "SXM"): 312.0e12,
+    ("A100", "PCIE"): 312.0e12,
+}
+# Name words that say nothing about the peak (memory size and type, the SXM generation).
+_NEUTRAL_WORD = re.compile(r"^(\d+GB|HBM\d*E?|SXM\d*|NVIDIA|TESLA)$")
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a known GPU (by name substring), else None."""
-    for key, val in PEAK_BF16.items():
-        if key in device_name:
-            return val
-    return None
+    """Dense bf16 peak of a known GPU from its CUDA device name, else None.
+
+    "NVIDIA H100 80GB HBM3" -> H100 SXM, "NVIDIA H100 NVL" -> H100 NVL, "NVIDIA A100-PCIE-40GB" ->
+    A100 PCIe. A name with any other word (a variant this table does not know) gives None rather than
+    a wrong peak: set train.peak_tflops for it.
+    """
+    words = [w for w in re.split(r"[\s\-_]+", device_name.upper()) if w]
+    family = [w for w in words if (w, "SXM") in PEAK_BF16 or (w, "PCIE") in PEAK_BF16]
+    if len(family) != 1:
+        return None
+    forms = [w for w in words if w in ("PCIE", "NVL")]
+    other = [w for w in words if w not in family and w not in forms and not _NEUTRAL_WORD.match(w)]
+    if other or len(forms) > 1:
+        return None
+    return PEAK_BF16.get((family[0], forms[0] if forms else "SXM"))
 
 
 def moe_pairs_per_token(moe: MoEConfig, tokens_per_sample: int) -> float:

@@ -94,11 +94,25 @@ def test_dit_matches_published_gflops(depth: int, width: int, gflops: float) -> 
     assert moe["experts"] + moe["ffn"] == pytest.approx(dense["ffn"])
 
 
-def test_peak_lookup() -> None:
-    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
-    assert peak_bf16_flops("NVIDIA H100 PCIe") == pytest.approx(756.0e12)
-    assert peak_bf16_flops("NVIDIA H200") == pytest.approx(989.4e12)
-    assert peak_bf16_flops("cpu") is None
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),  # SXM5
+        ("NVIDIA H100 PCIe", 756.0e12),
+        ("NVIDIA H100 NVL", 835.5e12),  # "H100" inside it must not pick the SXM peak
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA H200 NVL", 835.5e12),
+        ("NVIDIA GH200 480GB", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312.0e12),
+        ("NVIDIA A100-PCIE-40GB", 312.0e12),
+        ("NVIDIA H100 SOMETHING", None),  # an unknown variant: no peak rather than a wrong one
+        ("NVIDIA H800", None),
+        ("cpu", None),
+    ],
+)
+def test_peak_lookup(name: str, peak: float | None) -> None:
+    got = peak_bf16_flops(name)
+    assert got == (pytest.approx(peak) if peak else None)
 
 
 def test_trainer_logs_tflops_and_mfu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -53,6 +53,7 @@ from diffmoe_dist.parallel.distributed import (
     broadcast_object,
     run_on_rank0,
 )
+from diffmoe_dist.trainer.optim import steps_from_state, steps_to_state
 
 log = logging.getLogger(__name__)
 CKPT_PREFIX = "step-"
@@ -110,6 +111,7 @@ def optimizer_state(
     """AdamW moments and step per parameter name (state created as zeros if the optimizer has none yet)."""
     experts = _expert_params(model)
     out: dict[str, torch.Tensor] = {}
+    steps_to_state(optimizer)  # apex FusedAdam keeps its step count in param_groups
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -295,6 +297,8 @@ def load_checkpoint(
     with torch.no_grad():
         for k, v in views.items():
             v.copy_(target[k])
+    if optimizer is not None:
+        steps_from_state(optimizer)
     if same_world:
         torch.set_rng_state(target[f"rng.rank{rank}"])
     return meta

@@ -46,6 +46,7 @@ from diffmoe_dist.checkpoint import (
 )
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.numerics import resolve_sample_precision, sampling_autocast, set_tf32
 from diffmoe_dist.parallel.distributed import (
     all_reduce_host,
     barrier,
@@ -241,9 +242,11 @@ def generate(
     ).to(device)
 
     obj = get_objective(cfg.objective)
+    precision = resolve_sample_precision(s.precision, device)
 
     def counted(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x, t, y)
+        with sampling_autocast(precision, device):  # bf16: the model only; the ODE stays fp32
+            out = model(x, t, y).float()
         meter.add(model, obj.flow_time(t), y)  # telemetry buckets in the flow convention
         return out
 
@@ -344,6 +347,8 @@ def sample_from_checkpoint(
     ema = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
     ckpt, _ = load_for_reading(ckpt, cfg, model, ema, rank, W, ps.world_group, follow_latest)
     net = (ema if cfg.sample.use_ema else model).to(info.device).eval()
+    precision = resolve_sample_precision(cfg.sample.precision, info.device)
+    set_tf32(precision != "fp32")  # TF32 for the fp32 matmuls unless exact fp32 was asked for
     if cfg.moe.mode != "dense":
         net.set_inference(cfg.moe.infer_mode, cfg.moe.infer_capacity, cfg.moe.gamma)
     n, bs = cfg.sample.num_samples, cfg.sample.batch_size
@@ -397,6 +402,7 @@ def sample_from_checkpoint(
         "objective": cfg.objective,
         "infer_mode": cfg.moe.infer_mode,
         "use_ema": cfg.sample.use_ema,
+        "precision": precision,
         **meter.summary(),
     }
     return result, report
@@ -428,6 +434,7 @@ def _run_fingerprint(cfg: Config, ckpt: Path, labels: torch.Tensor) -> dict[str,
         "seed": s.seed,
         "use_ema": s.use_ema,
         "infer": [m.infer_mode, m.infer_capacity, m.gamma],
+        "precision": s.precision,
     }
 
 

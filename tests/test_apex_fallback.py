@@ -120,3 +120,85 @@ def test_apex_path_matches_torch_on_gpu() -> None:  # pragma: no cover - GPU ima
         o.step()
     for pa, pb in zip(m2.parameters(), r2.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-6)
+
+
+class _ApexLikeFusedAdam(torch.optim.Optimizer):
+    """Stand-in for apex.optimizers.FusedAdam, which cannot exist here (not on PyPI, needs CUDA):
+    AdamW math plus the two behaviours of the real one that broke the trainer (issue 18 item 3):
+    ``zero_grad()`` takes no argument, and the step count lives in ``param_groups[i]["step"]``."""
+
+    def __init__(self, params, lr, betas, weight_decay, adam_w_mode, set_grad_none=True, eps=1e-8):  # type: ignore[no-untyped-def]
+        assert adam_w_mode
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps}
+        )
+        self.set_grad_none = set_grad_none
+
+    def zero_grad(self) -> None:  # type: ignore[override]
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    if self.set_grad_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for g in self.param_groups:
+            g["step"] = t = g.get("step", 0) + 1
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2**t)).sqrt_().add_(g["eps"])
+                p.addcdiv_(m, denom, value=-g["lr"] / (1 - b1**t))
+
+
+def test_apex_fused_adam_zero_grad_and_step_count_survive_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from diffmoe_dist.checkpoint import CheckpointManager
+    from diffmoe_dist.trainer.optim import zero_grad
+
+    fake = types.ModuleType("apex.optimizers")
+    fake.FusedAdam = _ApexLikeFusedAdam  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", fake)
+    cfg = load_config(TINY, ["train.optimizer_impl=apex", "train.lr=1e-2"])
+
+    def build() -> tuple[DiffMoE, torch.optim.Optimizer]:
+        m = _model("torch").train()
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.cuda, "is_available", lambda: True)  # build_optimizer asks
+            opt = build_optimizer(m, cfg.train)
+        assert isinstance(opt, _ApexLikeFusedAdam)
+        return m, opt
+
+    def step(m: DiffMoE, opt: torch.optim.Optimizer) -> None:
+        zero_grad(opt)  # the trainer's call: apex's zero_grad(set_to_none=...) is a TypeError
+        _out(m.train()).square().mean().backward()
+        opt.step()
+
+    m, opt = build()
+    for _ in range(3):
+        step(m, opt)
+    ckpt = CheckpointManager(tmp_path, cfg, 0, 1, None)
+    ckpt.save(3, m, None, opt)
+    m2, opt2 = build()
+    ckpt.load(ckpt.latest_valid(), m2, None, opt2)
+    assert [g["step"] for g in opt2.param_groups] == [3]  # bias correction continues at step 4
+    step(m, opt)
+    step(m2, opt2)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)

@@ -146,6 +146,22 @@ def test_generated_config_follows_ours() -> None:
     assert ds["optimizer"]["params"]["torch_adam"] is True
 
 
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_apex_on_cuda_without_prebuilt_fused_adam_uses_torch_fused(
+    monkeypatch: pytest.MonkeyPatch, prebuilt: bool
+) -> None:
+    # cuda=True is injected (no GPU here); whether DeepSpeed's fused_adam op was prebuilt is too.
+    import diffmoe_dist.trainer.deepspeed_engine as dse
+
+    monkeypatch.setattr(dse, "_ds_fused_adam_prebuilt", lambda: prebuilt)
+    cfg = _cfg("/tmp/x", "engine=deepspeed", "train.optimizer_impl=apex")
+    params = build_deepspeed_config(cfg, world_size=2, cuda=True)["optimizer"]["params"]
+    if prebuilt:  # DeepSpeed's FusedAdam, nothing to compile
+        assert params["torch_adam"] is False and "fused" not in params
+    else:  # no JIT build (it needs nvcc): torch.optim.AdamW(fused=True)
+        assert params["torch_adam"] is True and params["fused"] is True
+
+
 def _with_json(tmp_path: Path, obj: dict, *extra: str):
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(obj))

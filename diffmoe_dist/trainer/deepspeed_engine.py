@@ -52,6 +52,15 @@ _NEVER = 1 << 30  # steps_per_print: our MetricsLogger logs, not DeepSpeed
 # config: generated from ours, a user JSON merged in, contradictions refused
 
 
+def _ds_fused_adam_prebuilt() -> bool:
+    """True when DeepSpeed's fused_adam op was compiled at install time (DS_BUILD_FUSED_ADAM=1)."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get("fused_adam", False))
+
+
 def _generated_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
     t = cfg.train
     if t.global_batch_size % world_size:
@@ -59,10 +68,18 @@ def _generated_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any
             f"train.global_batch_size={t.global_batch_size} is not divisible by the world size {world_size}"
         )
     # DeepSpeed's AdamW: torch.optim.AdamW (torch_adam) unless optimizer_impl=apex on CUDA, where
-    # DeepSpeed's own fused multi-tensor Adam is the counterpart of apex FusedAdam.
-    fused = t.optimizer_impl == "apex" and cuda
+    # DeepSpeed's own fused multi-tensor Adam is the counterpart of apex FusedAdam, when its op is
+    # prebuilt. Otherwise DeepSpeed would JIT-compile it at engine start, which needs nvcc (absent
+    # from runtime-only images and DS_BUILD_OPS=0 installs): torch's fused AdamW instead.
+    fused = t.optimizer_impl == "apex" and cuda and _ds_fused_adam_prebuilt()
+    torch_fused = t.optimizer_impl == "apex" and cuda and not fused
     if t.optimizer_impl == "apex" and not cuda:
         log.warning("train.optimizer_impl=apex with engine=deepspeed on CPU; using torch AdamW")
+    if torch_fused:
+        log.warning(
+            "train.optimizer_impl=apex: DeepSpeed's FusedAdam op is not prebuilt (it would need "
+            "nvcc to build); using torch.optim.AdamW(fused=True)"
+        )
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.global_batch_size // world_size,
@@ -85,6 +102,7 @@ def _generated_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any
                 "weight_decay": t.weight_decay,
                 "torch_adam": not fused,
                 "adam_w_mode": True,
+                **({"fused": True} if torch_fused else {}),
             },
         },
         "steps_per_print": _NEVER,

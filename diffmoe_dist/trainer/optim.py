@@ -25,9 +25,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
             if not torch.cuda.is_available():
                 raise RuntimeError("FusedAdam needs CUDA")
-            return FusedAdam(
-                params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, adam_w_mode=True
+            opt = FusedAdam(
+                params,
+                lr=cfg.lr,
+                betas=cfg.betas,
+                weight_decay=cfg.weight_decay,
+                adam_w_mode=True,
+                set_grad_none=False,  # zero_grad keeps the .grad tensors, like set_to_none=False
             )
+            opt.step_in_param_groups = True  # see zero_grad / steps_to_state / steps_from_state
+            return opt
         except Exception as e:
             log.warning(
                 "train.optimizer_impl=apex but apex FusedAdam is not usable (%s); using torch AdamW",
@@ -45,6 +52,40 @@ def torch_adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Ada
         except (RuntimeError, ValueError) as e:  # a device / dtype without a fused kernel
             log.info("fused AdamW not available (%s); using the foreach implementation", e)
     return torch.optim.AdamW(params, foreach=True, **kw)
+
+
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the gradients in place (set_to_none=False: the collectives see the same tensors on every
+    rank). apex FusedAdam's ``zero_grad()`` takes no argument (it was built with set_grad_none=False)."""
+    if getattr(optimizer, "step_in_param_groups", False):
+        optimizer.zero_grad()
+    else:
+        optimizer.zero_grad(set_to_none=False)
+
+
+# apex FusedAdam counts steps in ``param_groups[i]["step"]`` (an int), not in the per-parameter state
+# that torch AdamW uses and checkpoint.py saves. These two move the count into the per-parameter
+# "step" entry before a save and back after a load, so the checkpoint format is the same for both
+# optimizers and bias correction continues after a resume instead of restarting at step 1.
+def steps_to_state(optimizer: torch.optim.Optimizer) -> None:
+    if not getattr(optimizer, "step_in_param_groups", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["step"] = torch.tensor(float(group.get("step", 0)))
+
+
+def steps_from_state(optimizer: torch.optim.Optimizer) -> None:
+    if not getattr(optimizer, "step_in_param_groups", False):
+        return
+    for group in optimizer.param_groups:
+        steps = [
+            float(optimizer.state[p]["step"])
+            for p in group["params"]
+            if "step" in optimizer.state[p]
+        ]
+        if steps:
+            group["step"] = int(max(steps))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -49,6 +49,7 @@ from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
 from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.numerics import set_deterministic, set_tf32
 from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import (
     DistInfo,
@@ -68,7 +69,7 @@ from diffmoe_dist.runlock import RunDirLock
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption
 from diffmoe_dist.trainer.ema import update_ema
-from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr
+from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr, zero_grad
 from diffmoe_dist.transport.objective import get_objective, model_out_channels
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Trainer:
             self.dist.world_size,
             self.dist.device,
         )
+        set_deterministic(cfg.train.deterministic)  # before the first CUDA matmul (cuBLAS config)
+        set_tf32(cfg.train.tf32)
         self.layout = validate_layout(cfg, self.world_size)
         self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
         self.run_dir = Path(cfg.run.dir)
@@ -299,7 +302,7 @@ class Trainer:
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
         self.apply_capacity_schedule(step)
-        self.optimizer.zero_grad(set_to_none=False)
+        zero_grad(self.optimizer)  # apex FusedAdam's takes no set_to_none
         A = cfg.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         kth: list[list] = []  # per MoE layer: [kth_sum, kth_count] summed over micro-batches

@@ -86,6 +86,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 3
+    # Write a checkpoint at the end of the run (false: throughput runs that need none; about 32 GB
+    # written and hashed for DiffMoE-L-E16).
+    save_final: bool = True
     optimizer_impl: str = "torch"  # torch | apex (FusedAdam where importable)
     allow_pool_change: bool = False  # resume with a different moe.pool_samples only when True
     # Non-finite loss or gradient norm (agreed over all ranks, before the optimizer step):

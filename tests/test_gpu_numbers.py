@@ -61,5 +61,8 @@ def test_gpu_numbers_script_on_cpu(tmp_path: Path) -> None:
         float(row["samples_per_s_per_rank"]) * per_sample / 1e12, rel=2e-3
     )
     assert "device cpu" in (out / "machine.txt").read_text()
+    # a throughput run writes no checkpoint (32 GB for L-E16 on a GPU)
+    assert not [p for p in out.rglob("step-*") if p.is_dir()], sorted(out.rglob("step-*"))
+    assert list(out.rglob("metrics.jsonl"))
     again = _run(out)
     assert again.returncode == 2 and "already has results" in again.stderr

@@ -13,7 +13,8 @@
 # WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16].
 # Memory: the planner's model (diffmoe_dist/bench/planner.py) puts DiffMoE-L-E16 at about 61 GB per
 # GPU at MICRO=64 (fp32 weights + AdamW + EMA, bf16 activations) and 51 GB at MICRO=32.
-# tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).
+# No checkpoint is written (train.ckpt_every past the end, train.save_final=false): the run only
+# measures. tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -73,5 +74,5 @@ echo "== 2/2 training throughput ($CONFIG, $PRECISION, micro $MICRO, $STEPS step
     --warmup "$WARMUP" --layouts "nodes=1,nproc=1,ep=1,micro=$MICRO" \
     --set data.name=latents --set "data.path=$OUT/latents" --set "train.precision=$PRECISION" \
     --set "moe.pool_samples=$MICRO" --set train.log_every=1 --set "train.ckpt_every=$((STEPS + 1))" \
-    --set run.progress=false
+    --set train.save_final=false --set run.progress=false
 echo "gpu_numbers: results in $OUT (machine.txt, bench.json, results.md, results.csv)"

@@ -573,7 +573,7 @@ class Trainer:
                 self._save_checked()
         if bar is not None:
             bar.close()
-        if self._last_saved != self.step:
+        if self._last_saved != self.step and cfg.save_final:
             self._save_checked()
         result = {
             "step": self.step,

@@ -66,13 +66,13 @@ def check_rank0_wait(info: pd.DistInfo, group: Any) -> str:
 
 def check_a2a_timing(info: pd.DistInfo, group: Any) -> str:
     from diffmoe_dist.parallel.comm import all_to_all_single
-    from diffmoe_dist.parallel.dispatch import CommClock
+    from diffmoe_dist.parallel.dispatch import CollectiveTimer
 
     if info.world_size < 2:
         return "one rank: no all-to-all"
     dev, W = info.device, info.world_size
     x = torch.randn(W * 1024, 1024, device=dev)
-    clock = CommClock()
+    clock = CollectiveTimer()
     if dev.type == "cuda" and info.rank == 0:
         torch.cuda._sleep(int(2e8))  # rank 0 arrives late: the others' a2a waits on the GPU
     t0 = time.perf_counter()

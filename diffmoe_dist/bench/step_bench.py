@@ -310,7 +310,7 @@ def _instrumented_step(trainer: Any, device: str) -> tuple[dict[str, int], float
 def run_rank(rank: int, spec: StepSpec) -> dict[str, Any]:
     """Build every case on this rank, time them interleaved, instrument one more step of each."""
     from diffmoe_dist.flops import train_flops_per_sample
-    from diffmoe_dist.parallel.distributed import DistInfo
+    from diffmoe_dist.parallel.distributed import DistInfo, barrier
     from diffmoe_dist.trainer.trainer import Trainer
 
     threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.ranks)
@@ -329,7 +329,7 @@ def run_rank(rank: int, spec: StepSpec) -> dict[str, Any]:
                 tr = Trainer(cfg, info)
             cases[(variant, model)] = (tr, cfg)
     if spec.ranks > 1:
-        torch.distributed.barrier()
+        barrier(torch.distributed.group.WORLD)
     peak = measured_peak_flops(spec.device, spec.dtype)
     for tr, _ in cases.values():
         for _ in range(spec.warmup):

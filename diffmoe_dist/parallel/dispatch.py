@@ -25,7 +25,7 @@ computes the same top-k. Every byte sent to or received from another rank is log
 ``bytes_log[layer_id]`` (tokens forward and backward, scores, counts) until ``reset()``.
 Wall time spent inside these collectives (forward, and the token all-to-alls' backward) accumulates
 in ``comm_time_s`` (seconds, not reset by ``reset()``; diffmoe_dist/telemetry.py reads and zeroes it).
-On CUDA it is measured with CUDA events on the current stream (``CommClock``): an NCCL call returns
+On CUDA it is measured with CUDA events on the current stream (``CollectiveTimer``): an NCCL call returns
 once it is queued, so a host clock would read about 0 and count the wait as compute.
 """
 
@@ -46,7 +46,7 @@ from diffmoe_dist.parallel.comm import (
 )
 
 
-class CommClock:
+class CollectiveTimer:
     """Time spent in collectives: ``time.perf_counter`` on CPU, CUDA events on a GPU.
 
     ``start(device)`` / ``stop(token)`` bracket one collective. On CUDA both ends are events recorded
@@ -126,7 +126,7 @@ class AllToAllDispatcher:
         self.pool_span, self.pool_index, self.pool_group = pool_span, pool_index, pool_group
         self.layer_id, self.use_loop, self.dedup_tokens = layer_id, use_loop, dedup_tokens
         self.bytes_log: dict[int, dict[str, int]] = {}
-        self.clock = CommClock()  # time inside this dispatcher's collectives (fwd + bwd)
+        self.clock = CollectiveTimer()  # time inside this dispatcher's collectives (fwd + bwd)
         self.elem_bytes = (
             4  # element size of the last tokens dispatched (for the theoretical minimum)
         )

@@ -154,6 +154,14 @@ def all_reduce(
     return t
 
 
+def all_reduce_async(
+    t: torch.Tensor, group: dist.ProcessGroup, device: torch.device
+) -> dist.Work | None:
+    """Start a SUM all-reduce of a tensor on ``device``; returns the work handle to ``wait()`` on."""
+    check_collective_tensors([t], device, group_backend(group), "all_reduce_async")
+    return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
 def all_reduce_host(
     t: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device, op: str = "sum"
 ) -> torch.Tensor:

@@ -35,7 +35,7 @@ from diffmoe_dist.config import Config
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
 from diffmoe_dist.parallel.comm import COMM_CLOCK
-from diffmoe_dist.parallel.distributed import all_reduce
+from diffmoe_dist.parallel.distributed import all_reduce, all_reduce_async
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 
 GRAD_REDUCE_MODES = ("overlap", "flat")
@@ -326,7 +326,7 @@ class _ExpertBuckets:
         flat = torch.cat([p.grad.reshape(-1) for p in ps]).to(self.reduce_dtype)
         if self.trace is not None:
             self.trace.append(("expert_bucket", i, time.perf_counter()))
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        work = all_reduce_async(flat, self.group, flat.device)  # the gradients' device
         self.works[i] = (flat, work)
 
     def finish(self) -> None:

@@ -287,7 +287,9 @@ def load_checkpoint(
     meta = check_compatible(path, cfg)
     views = _state(model, ema, optimizer)
     # Load into fresh buffers, then copy: expert views are slices of the stacked parameters.
-    target = {k: torch.empty_like(v) for k, v in views.items()}
+    # Staged through the CPU: a resume never holds a second copy of model, EMA and optimizer state
+    # on the GPU; each tensor is copied to its device below.
+    target = {k: torch.empty_like(v, device="cpu") for k, v in views.items()}
     same_world = meta["layout"]["world_size"] == world_size
     if same_world:
         target[f"rng.rank{rank}"] = torch.get_rng_state()

@@ -54,7 +54,7 @@ from diffmoe_dist.parallel.distributed import (
     gather_rows_to_rank0,
     init_distributed,
 )
-from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
+from diffmoe_dist.parallel.parallelize import build_empty, build_parallel_state
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
 from diffmoe_dist.transport.objective import cfg_pool_for, get_objective, model_out_channels
@@ -342,9 +342,11 @@ def sample_from_checkpoint(
 
         vae = load_vae(vae_dir, info.device)  # before the model: a bad path fails fast
     ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
-    out_c = model_out_channels(cfg)
-    model = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
-    ema = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
+    # Uninitialised (meta -> to_empty): the checkpoint fills them; the net that samples lives on the
+    # device, the other one (needed by the checkpoint's keys) on the CPU.
+    out_c, cpu = model_out_channels(cfg), torch.device("cpu")
+    model = build_empty(cfg, ps, cpu if cfg.sample.use_ema else info.device, out_c)
+    ema = build_empty(cfg, ps, info.device if cfg.sample.use_ema else cpu, out_c)
     ckpt, _ = load_for_reading(ckpt, cfg, model, ema, rank, W, ps.world_group, follow_latest)
     net = (ema if cfg.sample.use_ema else model).to(info.device).eval()
     precision = resolve_sample_precision(cfg.sample.precision, info.device)

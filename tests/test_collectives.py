@@ -155,3 +155,60 @@ def test_wrappers_and_rank0_wait_on_gloo(tmp_path: Path) -> None:
     assert res[0]["latest"] == res[1]["latest"] == str(tmp_path / "checkpoints" / "step-00000001")
     # on gloo the waiting rank's barrier fails after the timeout (the old checkpoint path)
     assert res[1]["barrier"].startswith("timeout"), res[1]["barrier"]
+
+
+# ---- process groups: how many communicators a layout costs (issue 18 item 13) ------------------
+def _count_groups(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from diffmoe_dist.config import load_config
+    from diffmoe_dist.parallel import parallelize
+
+    created: list[list[int]] = []
+    real = dist.new_group
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        created.append(list(kwargs.get("ranks") or args[0]))
+        return real(*args, **kwargs)
+
+    dist.new_group = counting
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    out = {}
+    for name, sets in {
+        "ep1": ["parallel.ep=1", "moe.pool_samples=4", "train.global_batch_size=16"],
+        "ep4": ["parallel.ep=4", "moe.pool_samples=4", "train.global_batch_size=16"],
+        # dp 2 x ep 2, each pool spans 2 ranks (micro-batch 2, pool 4)
+        "ep2_span2": ["parallel.ep=2", "moe.pool_samples=4", "train.global_batch_size=8"],
+    }.items():
+        cfg = load_config(tiny, sets)
+        before = len(created)
+        ps = parallelize.build_parallel_state(cfg, world, rank)
+        first = created[before:]
+        for _ in range(3):  # what sample_from_checkpoint does once per call
+            again = parallelize.build_parallel_state(cfg, world, rank)
+        out[name] = {
+            "first": first,
+            "again": len(created) - before - len(first),
+            "same": again.ep_group is ps.ep_group and again.pool_group is ps.pool_group,
+            "world_is_default": ps.world_group is dist.group.WORLD,
+            "none": [k for k in ("ep_group", "edp_group", "pool_group") if getattr(ps, k) is None],
+        }
+        if ps.ep_group is not None:  # the groups work
+            t = torch.ones(1)
+            dist.all_reduce(t, group=ps.ep_group)
+            out[name]["ep_sum"] = float(t)
+    return out
+
+
+def test_process_groups_created_once_and_only_when_needed() -> None:
+    res = run_distributed(_count_groups, 4, timeout_s=180)
+    for r in res:
+        # one process, ep 1: ep and pool groups would be 4 single ranks, edp the world: none created
+        assert r["ep1"]["first"] == [] and r["ep1"]["none"] == ["ep_group", "pool_group"]
+        assert r["ep4"]["first"] == [] and r["ep4"]["none"] == ["edp_group", "pool_group"]
+        assert r["ep4"]["ep_sum"] == 4.0
+        # ep groups {0,1} {2,3}, edp groups {0,2} {1,3}; the pools are the ep groups again
+        assert r["ep2_span2"]["first"] == [[0, 1], [2, 3], [0, 2], [1, 3]]
+        assert r["ep2_span2"]["ep_sum"] == 2.0
+        for case in r.values():
+            assert case["again"] == 0 and case["same"] and case["world_is_default"]

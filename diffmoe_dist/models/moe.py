@@ -26,6 +26,8 @@ optimizer step with the average over all pools of the step (the all-reduce lives
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,18 +63,45 @@ def expert_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_BUILD_SLICE: list[tuple[int, int]] = []  # (ep, ep_rank) while inside expert_slice()
+
+
+@contextmanager
+def expert_slice(ep: int, ep_rank: int) -> Iterator[None]:
+    """Models built inside keep only experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) of each layer.
+
+    The other experts are never stored: their random init is drawn into a one-expert scratch buffer
+    and dropped, so the generator advances exactly as for the full model and the kept weights are
+    bit-identical to building all E experts and slicing (what parallel/parallelize.py did before).
+    """
+    _BUILD_SLICE.append((ep, ep_rank))
+    try:
+        yield
+    finally:
+        _BUILD_SLICE.pop()
+
+
 class StackedExperts(nn.Module):
     """E full-width DiT FFNs stored as stacked weights, computed with batched matmuls.
 
     w1 [E, D, H], b1 [E, H], w2 [E, H, D], b2 [E, D]. Under expert parallelism a rank keeps a slice of
-    ``num_experts`` experts starting at global index ``expert_offset`` (checkpoints use global indices).
+    ``num_experts`` experts starting at global index ``expert_offset`` (checkpoints use global indices)
+    out of ``total_experts``; built inside ``expert_slice`` it holds only its slice from the start.
     ``forward`` takes tokens grouped by expert (ascending), with ``counts[e]`` rows for local expert e.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, expert_offset: int = 0):
         super().__init__()
-        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.expert_offset = expert_offset
+        self.total_experts, self.dim, self.hidden = num_experts, dim, hidden
+        if _BUILD_SLICE:
+            ep, ep_rank = _BUILD_SLICE[-1]
+            if num_experts % ep:
+                raise ValueError(
+                    f"parallel.ep={ep} does not divide the layer's {num_experts} experts"
+                )
+            num_experts //= ep
+            expert_offset += ep_rank * num_experts
+        self.num_experts, self.expert_offset = num_experts, expert_offset
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -83,8 +112,17 @@ class StackedExperts(nn.Module):
         # xavier-uniform per expert with the fans of nn.Linear(D, H) / nn.Linear(H, D), as DiT inits FFNs.
         bound = math.sqrt(6.0 / (self.dim + self.hidden))
         with torch.no_grad():
-            self.w1.uniform_(-bound, bound, generator=generator)
-            self.w2.uniform_(-bound, bound, generator=generator)
+            if self.num_experts == self.total_experts or self.w1.is_meta:
+                self.w1.uniform_(-bound, bound, generator=generator)
+                self.w2.uniform_(-bound, bound, generator=generator)
+            else:  # a slice: draw every expert in order (one at a time), keep this slice's
+                lo, n = self.expert_offset, self.num_experts
+                for w in (self.w1, self.w2):
+                    scratch = torch.empty_like(w[0])
+                    for e in range(self.total_experts):
+                        scratch.uniform_(-bound, bound, generator=generator)
+                        if lo <= e < lo + n:
+                            w[e - lo].copy_(scratch)
             self.b1.zero_()
             self.b2.zero_()
 

@@ -33,7 +33,7 @@ from torch.distributed import ProcessGroup
 
 from diffmoe_dist.config import Config
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts
+from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, StackedExperts, expert_slice
 from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import all_reduce, all_reduce_async
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
@@ -63,23 +63,43 @@ class ParallelState:
         return self.rank % self.pool_span
 
 
+# (default group, partition, timeout) -> this rank's group: each partition is created once per
+# process (the threshold sweep calls sample_from_checkpoint, hence build_parallel_state, per row).
+_GROUPS: dict[tuple, ProcessGroup | None] = {}
+
+
 def _new_groups(
     groups: list[list[int]], rank: int, timeout: timedelta | None
 ) -> ProcessGroup | None:
-    """Create every group of a partition (collective: all ranks, same order); return rank's own."""
-    mine = None
-    for ranks in groups:
-        g = dist.new_group(ranks=ranks, timeout=timeout)
-        if rank in ranks:
-            mine = g
-    return mine
+    """This rank's group of a partition of the ranks (collective: all ranks, same order).
+
+    Each NCCL communicator holds GPU memory and costs a split at start-up, so: a partition into
+    single ranks creates nothing (None: a group of one needs no collective), the whole world is the
+    default group itself, and a partition built before in this process is reused.
+    """
+    if all(len(g) == 1 for g in groups):
+        return None
+    world = dist.group.WORLD
+    if len(groups) == 1 and sorted(groups[0]) == list(range(dist.get_world_size())):
+        return world
+    key = (world, tuple(tuple(g) for g in groups), timeout)
+    if key not in _GROUPS:
+        mine = None
+        for ranks in groups:
+            g = dist.new_group(ranks=ranks, timeout=timeout)
+            if rank in ranks:
+                mine = g
+        _GROUPS[key] = mine
+    return _GROUPS[key]
 
 
 def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelState:
     """Validate the layout (ValueError with the numbers), then create the process groups.
 
     Needs torch.distributed initialised when world_size > 1. Groups are created in a fixed order
-    (world, ep, edp, pool) on every rank, each with cfg.parallel.timeout_s.
+    (world, ep, edp, pool) on every rank, each with cfg.parallel.timeout_s; the world group is the
+    default group, groups of one rank are None, and a second call reuses the first call's groups
+    (``_new_groups``). ``cleanup()`` (destroy_process_group) destroys them with the default group.
     """
     lay = layout_from_config(cfg, world_size)
     if not 0 <= rank < world_size:
@@ -140,10 +160,54 @@ def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
         raise ValueError(f"parallel.ep={ep} does not divide the layer's {E} experts")
     n = E // ep
     lo = ep_rank * n
+    if E != ex.total_experts:  # built inside expert_slice: already this rank's slice
+        if (E, ex.expert_offset) != (ex.total_experts // ep, ep_rank * E):
+            raise ValueError(
+                f"layer {layer.layer_id} holds experts [{ex.expert_offset}, {ex.expert_offset + E}) "
+                f"of {ex.total_experts}, not ep rank {ep_rank}'s slice under ep={ep}"
+            )
+        return
     for name in ("w1", "b1", "w2", "b2"):
         full = getattr(ex, name)
         setattr(ex, name, nn.Parameter(full.detach()[lo : lo + n].clone()))
     ex.num_experts, ex.expert_offset = n, ex.expert_offset + lo
+
+
+def build_model(cfg: Config, ps: ParallelState, out_channels: int | None = None) -> DiffMoE:
+    """This rank's model on the CPU: dense parts whole, only this rank's experts ever allocated.
+
+    The same weights as ``parallelize_model(DiffMoE(cfg.model, cfg.moe), ps)`` from the same seed
+    (models/moe.py ``expert_slice`` draws the other experts' init and drops it), without the
+    unsharded model: for DiffMoE-L-E16 at ep 8 that is about 1 GB of experts per rank, not 6.5 GB.
+    """
+    with expert_slice(ps.ep, ps.ep_rank):
+        model = DiffMoE(cfg.model, cfg.moe, out_channels=out_channels)
+    return parallelize_model(model, ps)
+
+
+def build_empty(
+    cfg: Config, ps: ParallelState, device: torch.device, out_channels: int | None = None
+) -> DiffMoE:
+    """This rank's model with uninitialised storage on ``device`` (built on the meta device, no random
+    init, no CPU copy): for filling from a checkpoint or another model."""
+    with torch.device("meta"), expert_slice(ps.ep, ps.ep_rank):
+        model = DiffMoE(cfg.model, cfg.moe, out_channels=out_channels)
+    return parallelize_model(model, ps).to_empty(device=device)
+
+
+def build_copy(model: DiffMoE, cfg: Config, ps: ParallelState, device: torch.device) -> DiffMoE:
+    """A frozen copy of ``model`` (the EMA) on ``device``: built on the meta device (no memory, no
+    random init), materialised there and filled from ``model``'s parameters and buffers; no deepcopy
+    of a CPU model, no second random init."""
+    copy = build_empty(cfg, ps, device, out_channels=model.out_channels)
+    with torch.no_grad():
+        for (na, a), (nb, b) in zip(
+            list(copy.named_parameters()) + list(copy.named_buffers()),
+            list(model.named_parameters()) + list(model.named_buffers()),
+        ):
+            assert na == nb, (na, nb)
+            a.copy_(b)
+    return copy.requires_grad_(False).eval()
 
 
 def install_dispatcher(layer: MoELayer, ps: ParallelState) -> None:

@@ -20,7 +20,6 @@ The next start removes a stale PREEMPTED.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -48,7 +47,6 @@ from diffmoe_dist.data.factory import build_dataset
 from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
-from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.numerics import set_deterministic, set_tf32
 from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import (
@@ -60,9 +58,10 @@ from diffmoe_dist.parallel.distributed import (
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
     ParallelState,
+    build_copy,
+    build_model,
     build_parallel_state,
     is_expert_param,
-    parallelize_model,
     reduce_thresholds,
 )
 from diffmoe_dist.runlock import RunDirLock
@@ -107,12 +106,12 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         self._check_data_matches_model()
         # 3. model and EMA (same init on every rank: seeded), then sharding + dispatchers
+        #    (only this rank's experts are ever allocated; the EMA is built on the meta device and
+        #    filled from the model: parallel/parallelize.py build_model / build_copy)
         torch.manual_seed(cfg.train.seed)
         self.objective = get_objective(cfg.objective)
-        model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        self.model = parallelize_model(model, self.ps).to(self.device).train()
-        self.ema = parallelize_model(ema, self.ps).to(self.device)
+        self.model = build_model(cfg, self.ps, model_out_channels(cfg)).to(self.device).train()
+        self.ema = build_copy(self.model, cfg, self.ps, self.device)
         # 4. optimizer (AdamW, constant LR with optional warmup); the native engine's gradient
         #    reduction (DDP + expert buckets overlapping backward, or flat), forward through it
         self.optimizer = build_optimizer(self.model, cfg.train)

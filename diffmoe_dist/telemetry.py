@@ -92,17 +92,26 @@ class ExpertTelemetry:
         self.num_buckets, self.world_size, self.rank = num_buckets, world_size, rank
         self.num_layers = self.num_experts = 0
         self._reduced = False
+        # The per-forward counters live on the device of the stats they count (set by add), so a
+        # training step does no device-to-host copy for them; reduce() reads them at log steps.
+        self.device = torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
         L, E, nb, K = self.num_layers, self.num_experts, self.num_buckets, self.num_labels
-        z = torch.zeros
+        dev = self.device
+
+        def z(*shape: int, dtype: torch.dtype, device: torch.device = dev) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
         self.counts = z(L, E, dtype=torch.float64)  # pairs per expert
         self.sizes = z(L, 2, dtype=torch.float64)  # (pairs, tokens)
         self.pr = z(L, 3, dtype=torch.float64)  # (true positives, predicted, routed)
         self.has_pred = z(L, dtype=torch.float64)  # 1 where the layer has a predictor mask
         self.bucket = z(L, 2, nb, dtype=torch.float64)  # (pairs, tokens) per t bucket
         self.label = z(L, 2, K, dtype=torch.float64)  # (pairs, tokens) per label
+        # host-side numbers: wall times and peak memory are Python floats to begin with
+        z = torch.zeros  # type: ignore[assignment]
         self.timing = z(3, dtype=torch.float64)  # (comm seconds, step seconds, steps)
         self.peak_mb = z(self.world_size, dtype=torch.float64)  # one slot per rank
         self._reduced = False
@@ -133,31 +142,43 @@ class ExpertTelemetry:
         samples; their tokens count nowhere.
         """
         self._ensure_shape(stats)
+        dev = t.device
+        if self.counts.device != dev:  # follow the model's device (copies whatever was counted)
+            self.device = dev
+            for name in ("counts", "sizes", "pr", "has_pred", "bucket", "label"):
+                setattr(self, name, getattr(self, name).to(dev))
         B = t.shape[0]
         if y.shape[0] != B:
             raise ValueError(f"telemetry: t has {B} samples but y has {y.shape[0]}")
-        keep = torch.ones(B, dtype=torch.bool) if valid is None else valid.detach().cpu().bool()
+        keep = (
+            torch.ones(B, dtype=torch.bool, device=dev)
+            if valid is None
+            else valid.detach().to(dev).bool()
+        )
         if keep.numel() != B:
             if keep.numel() == 0 or B % keep.numel():
                 raise ValueError(f"telemetry: valid has {keep.numel()} entries for {B} samples")
             keep = keep.repeat(B // keep.numel())
-        bucket = t_bucket(t.cpu(), self.num_buckets)
-        label = y.detach().cpu().long()
-        if int(label.min()) < 0 or int(label.max()) >= self.num_labels:
+        bucket = t_bucket(t, self.num_buckets)
+        label = y.detach().to(dev).long()
+        # checked on the host only where it costs no device sync (on CUDA, index_add_ asserts)
+        if label.device.type == "cpu" and (
+            int(label.min()) < 0 or int(label.max()) >= self.num_labels
+        ):
             raise ValueError(f"telemetry: labels outside [0, {self.num_labels})")
         w = keep.double()
         for i, s in enumerate(stats):
             if s.token_pairs is None:  # dense FFN: one expert per token
-                per_tok = torch.ones(s.tokens, dtype=torch.float64)
+                per_tok = torch.ones(s.tokens, dtype=torch.float64, device=dev)
             else:
-                per_tok = s.token_pairs.detach().cpu().double()
+                per_tok = s.token_pairs.detach().double()
             if per_tok.numel() % B:
                 raise ValueError(
                     f"telemetry: layer {i} routed {per_tok.numel()} tokens for {B} samples"
                 )
             T = per_tok.numel() // B
             pairs = per_tok.view(B, T).sum(1) * w  # [B] pairs of each kept sample
-            toks = torch.full((B,), float(T), dtype=torch.float64) * w
+            toks = torch.full((B,), float(T), dtype=torch.float64, device=dev) * w
             self.sizes[i, 0] += pairs.sum()
             self.sizes[i, 1] += toks.sum()
             self.bucket[i, 0].index_add_(0, bucket, pairs)
@@ -165,17 +186,14 @@ class ExpertTelemetry:
             self.label[i, 0].index_add_(0, label, pairs)
             self.label[i, 1].index_add_(0, label, toks)
             if s.route_mask is not None:
-                route = s.route_mask.detach().cpu().view(B, T, -1) & keep[:, None, None]
+                route = s.route_mask.detach().view(B, T, -1) & keep[:, None, None]
                 self.counts[i, : route.shape[-1]] += route.sum((0, 1)).double()
                 if s.pred_mask is not None:
-                    pred = s.pred_mask.detach().cpu().view(B, T, -1) & keep[:, None, None]
-                    self.pr[i] += torch.tensor(
-                        [float((pred & route).sum()), float(pred.sum()), float(route.sum())],
-                        dtype=torch.float64,
-                    )
+                    pred = s.pred_mask.detach().view(B, T, -1) & keep[:, None, None]
+                    self.pr[i] += torch.stack([(pred & route).sum(), pred.sum(), route.sum()])
                     self.has_pred[i] = 1.0
             elif s.expert_counts is not None and valid is None:
-                self.counts[i, : s.expert_counts.numel()] += s.expert_counts.cpu().double()
+                self.counts[i, : s.expert_counts.numel()] += s.expert_counts.double()
 
     def add_step(self, step_time_s: float, model: nn.Module | None = None) -> None:
         """End of one training step: its wall time and the dispatchers' collective time."""
@@ -187,6 +205,9 @@ class ExpertTelemetry:
         """Sum every counter over the ranks of ``group`` with ONE all-reduce (call on every rank)."""
         self.peak_mb.zero_()
         self.peak_mb[self.rank] = peak_mem_mb(device)
+        # The log step reads the device counters: one copy to the host, then summary() is host-only.
+        for name in ("counts", "sizes", "pr", "has_pred", "bucket", "label"):
+            setattr(self, name, getattr(self, name).cpu())
         parts = [self.counts, self.sizes, self.pr, self.has_pred, self.bucket, self.label]
         parts += [self.timing, self.peak_mb]
         if group is not None:

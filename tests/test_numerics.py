@@ -110,3 +110,44 @@ def test_deterministic_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # on CPU both modes run the same kernels: the same losses, bit for bit
     loss = [[r["loss"] for r in read_metrics(tmp_path / d)] for d in "ab"]
     assert loss[0] == loss[1] and len(loss[0]) == 2
+
+
+def test_telemetry_and_label_embedder_never_read_device_values() -> None:
+    # On a GPU every host read of a device value (float(), int(), .cpu(), .tolist()) stops the host
+    # until the GPU catches up. Tensors on the meta device have no values, so any such read raises:
+    # running the per-forward paths on meta tensors shows they do none (issue 18 item 11).
+    import dataclasses
+
+    from diffmoe_dist.models.embeddings import LabelEmbedder
+    from diffmoe_dist.telemetry import ExpertTelemetry
+
+    cfg = load_config(TINY, [])
+    torch.manual_seed(0)
+    model = DiffMoE(cfg.model, cfg.moe).train()
+    x, t, y = torch.randn(4, 1, 16, 16), torch.rand(4), torch.tensor([0, 1, 2, 10])
+    model(x, t, y)
+    meta = torch.device("meta")
+    stats = [
+        dataclasses.replace(
+            s,
+            **{
+                k: getattr(s, k).to(meta)
+                for k in ("expert_counts", "token_pairs", "pred_mask", "route_mask")
+                if getattr(s, k) is not None
+            },
+        )
+        for s in model.moe_stats()
+    ]
+    tele = ExpertTelemetry(cfg.model.num_classes)
+    tele.add(stats, t.to(meta), y.to(meta))  # counts, precision/recall, buckets: all on device
+    assert tele.counts.device == meta and tele.pr.device == meta
+    emb = LabelEmbedder(10, 8).to(meta).eval()  # inference: the sampler's per-step forward
+    assert emb(y.to(meta)).shape == (4, 8)
+    # on CPU labels at inference the check still runs (free there)
+    with pytest.raises(ValueError, match="class labels must be in"):
+        LabelEmbedder(10, 8).eval()(torch.tensor([11]))
+    # at a log step the counters come back to the host once, and the numbers are the CPU ones
+    ref = ExpertTelemetry(cfg.model.num_classes)
+    ref.add(model.moe_stats(), t, y)
+    ref.reduce(None)
+    assert ref.counts.device.type == "cpu" and ref.summary()["pred_precision"] is not None

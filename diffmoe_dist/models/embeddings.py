@@ -66,10 +66,12 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        # Checked here at inference; in training the trainer checks each batch's labels on the host
-        # before they move to the device (reading them here would stop the host every step).
+        # Checked here at inference on CPU labels; in training the trainer checks each batch's labels
+        # on the host before they move to the device. On a GPU, int(y.min()) would stop the host
+        # every forward: there the embedding lookup's own device-side assert catches a bad label.
         if (
             not self.training
+            and y.device.type == "cpu"
             and y.numel()
             and (int(y.min()) < 0 or int(y.max()) > self.num_classes)
         ):

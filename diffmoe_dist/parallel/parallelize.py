@@ -156,17 +156,20 @@ def shard_experts(layer: MoELayer, ep: int, ep_rank: int) -> None:
     """Keep only experts [ep_rank*E/ep, (ep_rank+1)*E/ep) of one layer (in place; global offset kept)."""
     ex = layer.experts
     E = ex.num_experts
-    if E % ep:
-        raise ValueError(f"parallel.ep={ep} does not divide the layer's {E} experts")
-    n = E // ep
-    lo = ep_rank * n
     if E != ex.total_experts:  # built inside expert_slice: already this rank's slice
-        if (E, ex.expert_offset) != (ex.total_experts // ep, ep_rank * E):
+        if ex.total_experts % ep or (E, ex.expert_offset) != (
+            ex.total_experts // ep,
+            ep_rank * E,
+        ):
             raise ValueError(
                 f"layer {layer.layer_id} holds experts [{ex.expert_offset}, {ex.expert_offset + E}) "
                 f"of {ex.total_experts}, not ep rank {ep_rank}'s slice under ep={ep}"
             )
         return
+    if E % ep:
+        raise ValueError(f"parallel.ep={ep} does not divide the layer's {E} experts")
+    n = E // ep
+    lo = ep_rank * n
     for name in ("w1", "b1", "w2", "b2"):
         full = getattr(ex, name)
         setattr(ex, name, nn.Parameter(full.detach()[lo : lo + n].clone()))

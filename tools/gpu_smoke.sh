@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What only a GPU machine can show, end to end, on every GPU it has (docs/gpu.md):
 #   1. collectives and numerics checks on NCCL (tools/gpu_smoke_checks.py);
-#   2. native engine, bf16: an uninterrupted run, and a stopped + resumed run compared with it
+#   2. native engine, bf16: an uninterrupted run, and a run stopped at 2/3 and resumed, compared
 #      (deterministic mode: the same losses within the GPU tolerance of docs/gpu.md);
 #   3. deterministic mode twice: the same losses bit for bit;
-#   4. DeepSpeed engine (ZeRO-1, bf16): a run, then a resume that continues it;
+#   4. DeepSpeed engine (ZeRO-1, bf16): a run to 2/3 of STEPS, then a resume that continues it;
 #   5. sampling (diffmoe-sample, bf16 autocast by default on CUDA), evaluation (diffmoe-eval, the
 #      digits judge) and the threshold sweep (tools/threshold_sweep.py), all on N ranks;
 #   6. what the training metrics must show on a GPU: a2a_share > 0 with ep > 1 (CUDA events),
@@ -22,6 +22,8 @@ OUT=${1:?usage: bash tools/gpu_smoke.sh OUT_DIR}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-30}
+((STEPS >= 10)) || { echo "gpu_smoke: STEPS=$STEPS; at least 10" >&2; exit 2; }
+HALF=$((STEPS * 2 / 3)) # where the resumed runs stop and restart
 SMOKE_DEVICE=${SMOKE_DEVICE:-cuda}
 # shellcheck source=launchers/gpus.sh
 source "$HERE/launchers/gpus.sh"
@@ -95,8 +97,8 @@ print(f"steps {common[0]}..{common[-1]}: max relative loss difference {worst:.3e
 assert worst <= rtol, worst
 EOF
 }
-resume_run() { # stopped at step 20 (a complete run of 20 steps), then continued to STEPS
-    train "$OUT/native_resume" 20 --set train.deterministic=true &&
+resume_run() { # stopped at step HALF (a complete run of HALF steps), then continued to STEPS
+    train "$OUT/native_resume" "$HALF" --set train.deterministic=true &&
         train "$OUT/native_resume" "$STEPS" --set train.deterministic=true
 }
 check_metrics() { # check_metrics RUN_DIR: what a GPU run's metrics.jsonl must hold
@@ -143,14 +145,14 @@ step checks "${TORCHRUN[@]}" tools/gpu_smoke_checks.py --out "$OUT/checks.json" 
 # native engine: uninterrupted vs stopped at 20 and resumed, both in deterministic mode
 step native_full train "$OUT/native_full" "$STEPS" --set train.deterministic=true
 step native_resume resume_run
-step resume_matches compare "$OUT/native_full" "$OUT/native_resume" 1e-5 21
+step resume_matches compare "$OUT/native_full" "$OUT/native_resume" 1e-5 $((HALF + 1))
 step determinism_rerun train "$OUT/native_rerun" 10 --set train.deterministic=true
 step deterministic_bitwise compare "$OUT/native_full" "$OUT/native_rerun" 0
 step default_vs_deterministic train "$OUT/native_default" "$STEPS"
 step default_tolerance compare "$OUT/native_full" "$OUT/native_default" 5e-2
 step native_metrics check_metrics "$OUT/native_default"
 # DeepSpeed engine: a run, then a resume that continues it to STEPS
-step deepspeed_train train "$OUT/deepspeed" 20 --set engine=deepspeed --set deepspeed.zero_stage=1
+step deepspeed_train train "$OUT/deepspeed" "$HALF" --set engine=deepspeed --set deepspeed.zero_stage=1
 step deepspeed_resume train "$OUT/deepspeed" "$STEPS" --set engine=deepspeed --set deepspeed.zero_stage=1
 step deepspeed_metrics check_metrics "$OUT/deepspeed"
 # inference on N ranks from the native run (multi-GPU sampling ends with NCCL gathers)

@@ -46,7 +46,8 @@ def check_wrappers(info: pd.DistInfo, group: Any) -> str:
             assert "is on cpu" in str(e), e
         else:
             raise AssertionError("a CPU tensor passed the NCCL device check")
-    return "scalars, uint8 gather through the device, CPU tensor refused"
+    refused = ", CPU tensor refused" if dev.type == "cuda" else ""
+    return f"scalars, uint8 gather through {dev}{refused}"
 
 
 def check_device(info: pd.DistInfo, group: Any) -> str:

@@ -328,7 +328,7 @@ class Trainer:
         out = dict(zip(keys, host[:-1]))
         grad_norm = host[-1]
         if self._nonfinite_step(out["loss"], grad_norm, agreed_bad=agreed_bad):
-            self.optimizer.zero_grad(set_to_none=False)  # skip_step: no update, EMA, thresholds
+            zero_grad(self.optimizer)  # skip_step: no update, EMA, thresholds
             self.step += 1
             out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
             return {**out, "skipped": 1.0}

@@ -356,18 +356,24 @@ def test_ctrl_c_under_torchrun_saves_then_resumes(tmp_path: Path) -> None:
 
 def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # a batch big enough that one step takes seconds: the second SIGINT lands inside the step
+    # The first Ctrl-C arrives during start-up (the lock file exists: the trainer is building); it
+    # is remembered, and the save would come after step 1, which with this batch takes seconds, so
+    # the second Ctrl-C always lands before any save.
     proc = start_train(run, "train.steps=100000", "train.global_batch_size=8192")
-    wait_for_step(run, 1, proc, timeout_s=180)
+    deadline = time.monotonic() + 120
+    while not (run / "trainer.lock").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the trainer did not start"
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGINT)
     time.sleep(0.8)  # longer than preemption.SIGINT_DEBOUNCE_S: a second Ctrl-C
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGINT)
     rc, _, err = finish(proc, timeout_s=60)
-    assert rc == 130 and "second SIGINT: exiting now" in err, err[-3000:]
+    assert "SIGINT: finishing the step" in err, err[-3000:]
+    assert rc == 130 and "second SIGINT: exiting now" in err, (rc, err[-3000:])
     assert time.monotonic() - t0 < 5.0
-    assert not checkpoints(run)  # the step in progress was abandoned, nothing half-published
-    assert logged_steps(run) == [1]
+    assert not checkpoints(run) and not list((run / "checkpoints").glob(".tmp-*"))
+    assert logged_steps(run) == []  # step 1 was abandoned
 
 
 # ----------------------------------------------------------------------------------------------------

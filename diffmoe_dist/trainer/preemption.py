@@ -20,7 +20,7 @@ import signal
 import time
 from typing import Any
 
-SIGINT_DEBOUNCE_S = 0.5
+SIGINT_DEBOUNCE_S = 1.0  # torchrun forwards within ms; 1 s leaves room on a loaded node
 
 # what was asked: 0 nothing, INTERRUPT (SIGINT), PREEMPT (SIGUSR1 / SIGTERM); ranks agree on the MAX
 NONE, INTERRUPT, PREEMPT = 0, 1, 2

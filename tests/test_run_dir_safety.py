@@ -448,7 +448,9 @@ def test_permission_lost_during_save(trained: Path, tmp_path: Path) -> None:
     run = copy_run(trained, tmp_path / "run")
     ckpts = run / "checkpoints"
     before = dir_fingerprint(ckpts)
-    proc = start_train(run, "train.steps=100000", "train.ckpt_every=4")  # resumes at 4, saves at 8
+    proc = start_train(
+        run, "train.steps=100000", "train.ckpt_every=10"
+    )  # resumes at 4, saves at 10
     try:
         wait_for_step(run, 5, proc)
         with read_only(ckpts):
@@ -457,13 +459,13 @@ def test_permission_lost_during_save(trained: Path, tmp_path: Path) -> None:
         kill_tree(proc)
     assert rc == 4, err[-3000:]
     line = error_line(err)
-    assert "step 8 not saved" in line and str(ckpts / ".tmp-step-00000008") in line
+    assert "step 10 not saved" in line and str(ckpts / ".tmp-step-00000010") in line
     assert ("Read-only file system" in line or "Permission denied" in line) and (
         f"needs write permission on {ckpts}" in line
     )
     assert f"previous checkpoint {ckpt(run, 4)} is intact" in line
     assert dir_fingerprint(ckpts) == before  # nothing of the failed save is left
-    res = run_train(run, "train.steps=6", "train.ckpt_every=4").check()
+    res = run_train(run, "train.steps=6", "train.ckpt_every=10").check()
     assert "at step 4" in res.stdout and logged_steps(run) == list(range(1, 7))
 
 

@@ -358,8 +358,16 @@ def load_for_reading(
                 f"checkpoint {current} was removed while it was read (pruned by the trainer?)"
             )
         log.warning("checkpoint %s was removed while it was read; taking the newest again", current)
-        nxt = latest_verified(current.parent) if rank == 0 else None
-        current = _agree(nxt, rank, group)
+        # rank 0 hashes while the others wait on the store (parallel.ckpt_timeout_s), not in a
+        # collective bound to parallel.timeout_s
+        parent = current.parent
+        nxt = run_on_rank0(
+            lambda parent=parent: str(latest_verified(parent) or ""),
+            group,
+            cfg.parallel.ckpt_timeout_s,
+            f"verifying checkpoints in {parent}",
+        )
+        current = Path(nxt) if nxt else None
         if current is None:
             raise ValueError(
                 f"checkpoint {vanished} was removed while it was read and no checkpoint under "

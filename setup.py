@@ -50,6 +50,7 @@ setup(
             "diffmoe-sample=diffmoe_dist.sample:main",
             "diffmoe-demo=diffmoe_dist.demo:main",
             "diffmoe-eval=diffmoe_dist.evaluate:main",
+            "diffmoe-convert-ds=diffmoe_dist.trainer.convert_ds:main",
         ]
     },
 )

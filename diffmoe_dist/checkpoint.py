@@ -64,7 +64,7 @@ FORMAT_VERSION = 1
 # flat state: every tensor under a layout-independent key
 
 
-def _expert_params(model: nn.Module) -> dict[str, tuple[int, int]]:
+def expert_params(model: nn.Module) -> dict[str, tuple[int, int]]:
     """param name -> (global offset, local count) for stacked-expert parameters."""
     out: dict[str, tuple[int, int]] = {}
     for mod_name, mod in model.named_modules():
@@ -74,7 +74,7 @@ def _expert_params(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _split(
+def split_experts(
     key: str, t: torch.Tensor, experts: tuple[int, int] | None, out: dict[str, torch.Tensor]
 ) -> None:
     if experts is None or t.dim() == 0:
@@ -87,10 +87,10 @@ def _split(
 
 def model_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Views of every parameter and persistent buffer, experts split by global index."""
-    experts = _expert_params(model)
+    experts = expert_params(model)
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        _split(prefix + name, p.data, experts.get(name), out)
+        split_experts(prefix + name, p.data, experts.get(name), out)
     for name, b in model.named_buffers():
         if name.split(".")[-1] in _non_persistent(model):
             continue
@@ -109,7 +109,7 @@ def optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, prefix: str = "optim."
 ) -> dict[str, torch.Tensor]:
     """AdamW moments and step per parameter name (state created as zeros if the optimizer has none yet)."""
-    experts = _expert_params(model)
+    experts = expert_params(model)
     out: dict[str, torch.Tensor] = {}
     steps_to_state(optimizer)  # apex FusedAdam keeps its step count in param_groups
     for name, p in model.named_parameters():
@@ -122,7 +122,7 @@ def optimizer_state(
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for k, v in st.items():
             if torch.is_tensor(v):
-                _split(f"{prefix}{name}.{k}", v, experts.get(name), out)
+                split_experts(f"{prefix}{name}.{k}", v, experts.get(name), out)
     return out
 
 
@@ -259,13 +259,20 @@ def check_compatible(path: Path, cfg: Config) -> dict[str, Any]:
 
 
 def _state(
-    model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer | None
+    model: nn.Module, ema: nn.Module | None, optimizer: Any, gather: bool = True
 ) -> dict[str, torch.Tensor]:
     state = model_state(model, "model.")
     if ema is not None:
         state.update(model_state(ema, "ema."))
     if optimizer is not None:
-        state.update(optimizer_state(model, optimizer))
+        # An engine whose optimizer state is not keyed by the model's parameters (DeepSpeed ZeRO:
+        # flat fp32 partitions) presents it as full per-parameter tensors under the same keys
+        # (``checkpoint_state``); it may also replace the "model." weights (the fp32 master copy
+        # under bf16) and scatters what a load filled in (``restore_checkpoint_state``).
+        custom = getattr(optimizer, "checkpoint_state", None)
+        state.update(
+            custom(model, gather) if custom is not None else optimizer_state(model, optimizer)
+        )
     return state
 
 
@@ -274,7 +281,7 @@ def load_checkpoint(
     cfg: Config,
     model: nn.Module,
     ema: nn.Module | None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Any = None,  # a torch optimizer, or see _state
     rank: int = 0,
     world_size: int = 1,
     group: dist.ProcessGroup | None = None,
@@ -285,14 +292,15 @@ def load_checkpoint(
     layout. The RNG state is restored only when the world size is the one it was saved at.
     """
     meta = check_compatible(path, cfg)
-    views = _state(model, ema, optimizer)
+    views = _state(model, ema, optimizer, gather=False)
     # Load into fresh buffers, then copy: expert views are slices of the stacked parameters.
     # Staged through the CPU: a resume never holds a second copy of model, EMA and optimizer state
     # on the GPU; each tensor is copied to its device below.
     target = {k: torch.empty_like(v, device="cpu") for k, v in views.items()}
     same_world = meta["layout"]["world_size"] == world_size
-    if same_world:
-        target[f"rng.rank{rank}"] = torch.get_rng_state()
+    rng_keys = _rng_keys(path, rank) if same_world else {}
+    for key, current in rng_keys.items():
+        target[key] = current  # CPU ByteTensors: set_rng_state takes nothing else
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(target, checkpoint_id=str(path), process_group=group)
@@ -301,8 +309,15 @@ def load_checkpoint(
             v.copy_(target[k])
     if optimizer is not None:
         steps_from_state(optimizer)
-    if same_world:
-        torch.set_rng_state(target[f"rng.rank{rank}"])
+    restore = getattr(optimizer, "restore_checkpoint_state", None)
+    if restore is not None:
+        restore()  # scatter the full per-parameter tensors back into the engine's partitions
+    for key in rng_keys:
+        rng = target[key].cpu()
+        if key.startswith("rng_cuda."):
+            torch.cuda.set_rng_state(rng)
+        else:
+            torch.set_rng_state(rng)
     return meta
 
 
@@ -378,6 +393,39 @@ def load_for_reading(
     )
 
 
+def _rng_keys(path: Path, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's saved RNG states that this process can restore, with the current ones (CPU)."""
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    out = {}
+    if f"rng.rank{rank}" in stored:
+        out[f"rng.rank{rank}"] = torch.get_rng_state()
+    if f"rng_cuda.rank{rank}" in stored and torch.cuda.is_available():
+        out[f"rng_cuda.rank{rank}"] = torch.cuda.get_rng_state()
+    return out
+
+
+OLD_DEEPSPEED_DIR = "ds_checkpoints"
+
+
+def refuse_old_deepspeed_dir(run_dir: Path) -> None:
+    """ValueError when ``run_dir`` holds checkpoints in the pre-unification DeepSpeed format.
+
+    Such a run would otherwise silently start again from step 0 and append duplicate steps to
+    metrics.jsonl. trainer/convert_ds.py rewrites them in the project format.
+    """
+    old = run_dir / OLD_DEEPSPEED_DIR
+    if not (old / "latest").is_file():
+        return
+    tag = (old / "latest").read_text().strip()
+    raise ValueError(
+        f"run.dir '{run_dir}' holds DeepSpeed checkpoints in the old format ({old}, latest {tag}); "
+        f"every engine now reads and writes {run_dir / 'checkpoints'}. Convert them with "
+        f"`python -m diffmoe_dist.trainer.convert_ds {run_dir}` (weights, EMA, thresholds and "
+        "step; Adam moments restart), "
+        f"or move {old} away to start this run from step 0"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # manager
 
@@ -447,7 +495,7 @@ class CheckpointManager:
         step: int,
         model: nn.Module,
         ema: nn.Module | None,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: Any,
         extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write ``step-XXXXXXXX`` atomically (every rank calls it).
@@ -463,6 +511,8 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{name}"
         state = _state(model, ema, optimizer)
         state[f"rng.rank{self.rank}"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            state[f"rng_cuda.rank{self.rank}"] = torch.cuda.get_rng_state()  # this rank's device
         need = self._bytes_needed(state)
         error: str | None = None
         if self.rank == 0:
@@ -644,7 +694,7 @@ class CheckpointManager:
         path: Path,
         model: nn.Module,
         ema: nn.Module | None,
-        optimizer: torch.optim.Optimizer | None,
+        optimizer: Any,
     ) -> dict[str, Any]:
         """Restore into the (already parallelized) modules; returns the checkpoint's meta."""
         return load_checkpoint(

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dist_utils import run_distributed  # noqa: E402
 
 from diffmoe_dist.config import load_config  # noqa: E402
-from diffmoe_dist.trainer.deepspeed_engine import build_deepspeed_config  # noqa: E402
+from diffmoe_dist.trainer.deepspeed_config import build_deepspeed_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -128,8 +128,9 @@ def test_deepspeed_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert got == pytest.approx(ref, rel=1e-6), (ref, got)
     assert r["ema_diff"] == 0.0
     assert r["thr"][0] == r["thr"][1]
-    ckpts = sorted(p.name for p in (tmp_path / "split" / "ds_checkpoints").iterdir())
-    assert "latest" in ckpts and "step-00000002" in ckpts
+    ckpts = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert "step-00000002" in ckpts, ckpts  # the project's format, whatever the engine
+    assert not (tmp_path / "split" / "ds_checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_apex_on_cuda_without_prebuilt_fused_adam_uses_torch_fused(
     monkeypatch: pytest.MonkeyPatch, prebuilt: bool
 ) -> None:
     # cuda=True is injected (no GPU here); whether DeepSpeed's fused_adam op was prebuilt is too.
-    import diffmoe_dist.trainer.deepspeed_engine as dse
+    import diffmoe_dist.trainer.deepspeed_config as dse
 
     monkeypatch.setattr(dse, "_ds_fused_adam_prebuilt", lambda: prebuilt)
     cfg = _cfg("/tmp/x", "engine=deepspeed", "train.optimizer_impl=apex")

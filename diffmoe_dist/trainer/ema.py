@@ -18,7 +18,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         assert name_e == name_m, (name_e, name_m)
         if p_m.requires_grad:
             pe.append(p_e)
-            pm.append(p_m.detach())
+            # .to: a no-op in fp32; under DeepSpeed bf16 the module weights are bf16, the EMA fp32
+            pm.append(p_m.detach().to(p_e.dtype))
     if pe:
         torch._foreach_lerp_(pe, pm, 1.0 - decay)
     be, bm = list(ema.buffers()), list(model.buffers())
@@ -33,6 +34,7 @@ def update_ema_reference(ema: nn.Module, model: nn.Module, decay: float) -> None
     for (name_e, p_e), (name_m, p_m) in zip(ema.named_parameters(), model.named_parameters()):
         assert name_e == name_m, (name_e, name_m)
         if p_m.requires_grad:
-            p_e.lerp_(p_m.detach(), 1.0 - decay)
+            # .to: a no-op in fp32; under DeepSpeed bf16 the module weights are bf16, the EMA fp32
+            p_e.lerp_(p_m.detach().to(p_e.dtype), 1.0 - decay)
     for b_e, b_m in zip(ema.buffers(), model.buffers()):
         b_e.copy_(b_m)

@@ -11,6 +11,11 @@ it maps the per-sample U[0, 1) time draw to its t, mixes data x1 and noise x0, a
 per-sample loss terms. Flow (transport/path.py): z_t = t * x1 + (1 - t) * x0, t = 0 noise, t = 1
 data, target velocity x1 - x0. DDPM (transport/ddpm.py): integer t in 0..999, hybrid loss.
 
+Engines: this class is the native engine; another engine (trainer/deepspeed_engine.py) overrides
+only the engine's override points (setup_engine, zero_grad, accumulation_context, backward,
+optimizer_step, checkpoint_optimizer) and inherits the batch, learning rate, thresholds, EMA,
+logging, preemption, the non-finite policy and the checkpoint format.
+
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the current step all ranks agree (MAX
 all-reduce), a complete checkpoint is written, rank 0 writes ``<run.dir>/PREEMPTED`` and train()
 returns normally, so the launcher can requeue and the next run resumes where this one stopped.
@@ -25,13 +30,13 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffmoe_dist.checkpoint import CheckpointManager
+from diffmoe_dist.checkpoint import CheckpointManager, read_meta, refuse_old_deepspeed_dir
 from diffmoe_dist.config import Config, save_config, validate_layout
 from diffmoe_dist.data import (
     FLIP_STREAM,
@@ -98,8 +103,9 @@ class Trainer:
         set_deterministic(cfg.train.deterministic)  # before the first CUDA matmul (cuBLAS config)
         set_tf32(cfg.train.tf32)
         self.layout = validate_layout(cfg, self.world_size)
-        self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
         self.run_dir = Path(cfg.run.dir)
+        refuse_old_deepspeed_dir(self.run_dir)  # before any group work
+        self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
         self.run_lock = RunDirLock(self.run_dir)  # rank 0 holds it from here to the end of train()
         self._check_run_dir()
         # 2. data: the dataset defines channels / size / classes; they must match the model
@@ -112,19 +118,10 @@ class Trainer:
         self.objective = get_objective(cfg.objective)
         self.model = build_model(cfg, self.ps, model_out_channels(cfg)).to(self.device).train()
         self.ema = build_copy(self.model, cfg, self.ps, self.device)
-        # 4. optimizer (AdamW, constant LR with optional warmup); the native engine's gradient
-        #    reduction (DDP + expert buckets overlapping backward, or flat), forward through it
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        # 4. the engine: optimizer, gradient reduction and the module the forward goes through
+        #    (native: AdamW + GradReducer; DeepSpeed: its engine; the override point setup_engine)
         self.forward_module: torch.nn.Module = self.model
-        if cfg.engine == "native":
-            self.reducer = GradReducer(
-                self.model,
-                self.ps,
-                cfg.train.grad_reduce,
-                cfg.train.grad_reduce_dtype,
-                cfg.train.grad_bucket_mb,
-            )
-            self.forward_module = self.reducer.module
+        self.setup_engine()
         # 5. checkpoints, metrics, resume
         self.ckpt = CheckpointManager(
             self.run_dir,
@@ -211,12 +208,78 @@ class Trainer:
                     f"model.{key}={want} but the dataset ({self.cfg.data.name}) has {got}"
                 )
 
+    # ------------------------------------------------------------------------------------------------
+    # the override points of an engine (trainer/deepspeed_engine.py overrides each of them)
+    def setup_engine(self) -> None:
+        """Stage 4: ``self.optimizer`` (AdamW) and the gradient reduction (GradReducer: DDP over the
+        dense parameters + expert buckets over the edp group during backward, or flat); the forward
+        goes through ``self.forward_module`` (the DDP wrapper under grad_reduce=overlap)."""
+        cfg = self.cfg.train
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.reducer = GradReducer(
+            self.model, self.ps, cfg.grad_reduce, cfg.grad_reduce_dtype, cfg.grad_bucket_mb
+        )
+        self.forward_module = self.reducer.module
+
+    def zero_grad(self) -> None:
+        """Before the step's first micro-batch."""
+        zero_grad(self.optimizer)  # apex FusedAdam's takes no set_to_none
+
+    def accumulation_context(self, last: bool) -> AbstractContextManager[Any]:
+        """Around forward + backward of one micro-batch: no gradient reduction unless ``last``."""
+        return nullcontext() if last else self.reducer.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(
+        self, losses: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], float, bool]:
+        """Reduce, apply train.nonfinite, clip, step; returns (losses on the host, global grad
+        norm, skipped). Gradients: dense averaged over the world, experts over the edp group."""
+        # dense over world, experts over expert-data-parallel (waits for the overlapped buckets)
+        self.reducer.finish()
+        grad_norm_t = self.grad_norm_tensor()
+        # The step's one blocking read: every loss, the gradient norm and the ranks' agreement on
+        # finiteness (a MAX all-reduce on the device) come back to the host in one transfer.
+        keys = list(losses)
+        vals = torch.stack([losses[k].float() for k in keys] + [grad_norm_t.float()])
+        bad = (~torch.isfinite(vals[[keys.index("loss"), -1]])).any().float().reshape(1)
+        all_reduce(bad, self.ps.world_group, self.device, "max")
+        *host, agreed_bad = torch.cat([vals, bad]).tolist()
+        out = dict(zip(keys, host[:-1]))
+        grad_norm = host[-1]
+        if self._nonfinite_step(out["loss"], grad_norm, agreed_bad=agreed_bad):
+            zero_grad(self.optimizer)
+            return out, grad_norm, True
+        clip = self.cfg.train.grad_clip
+        if clip > 0:  # on the device: grads *= min(1, clip / (norm + 1e-6)), no read
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm_t)
+        self.optimizer.step()
+        return out, grad_norm, False
+
+    def checkpoint_optimizer(self) -> Any:
+        """What the checkpoint stores as optimizer state: a torch optimizer keyed by the model's
+        parameters, or an object with ``checkpoint_state`` / ``restore_checkpoint_state``
+        (checkpoint.py) that presents the state as full per-parameter tensors."""
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------
     def _resume(self) -> None:
         # every checkpoint unreadable: refuse (ValueError naming them) unless train.allow_restart
         path = self.ckpt.resume_point(self.cfg.train.allow_restart)
         if path is None:
             return
-        meta = self.ckpt.load(path, self.model, self.ema, self.optimizer)
+        saved_engine = read_meta(path).get("config", {}).get("engine", "native")
+        if self.rank == 0 and saved_engine != self.cfg.engine:
+            msg = (
+                f"engine switch: {path} was written by engine={saved_engine}; resuming it with "
+                f"engine={self.cfg.engine} (weights, EMA, thresholds and optimizer state carry over)"
+            )
+            log.warning(msg)
+            print(msg, flush=True)
+        meta = self.ckpt.load(path, self.model, self.ema, self.checkpoint_optimizer())
         self.step = self._last_saved = int(meta["step"])
         self.metrics.truncate_after(self.step)
         if self.rank == 0:
@@ -301,44 +364,27 @@ class Trainer:
         lr = lr_at(step, cfg)
         set_lr(self.optimizer, lr)
         self.apply_capacity_schedule(step)
-        zero_grad(self.optimizer)  # apex FusedAdam's takes no set_to_none
+        self.zero_grad()
         A = cfg.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         kth: list[list] = []  # per MoE layer: [kth_sum, kth_count] summed over micro-batches
         for micro in range(A):
             x1, x0, t, y = self.local_batch(step, micro)
-            # no_sync: all but the last micro-batch accumulate locally; one reduction per step
-            with self.reducer.no_sync() if micro < A - 1 else nullcontext():
+            # all but the last micro-batch accumulate locally; one reduction per step
+            with self.accumulation_context(last=micro == A - 1):
                 losses = self.forward_loss(x1, x0, t, y)
-                (losses["loss"] / A if A > 1 else losses["loss"]).backward()
+                self.backward(losses["loss"] / A if A > 1 else losses["loss"])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / A
             self._accumulate_kth(kth)
         losses = sums
-        # dense over world, experts over expert-data-parallel (waits for the overlapped buckets)
-        self.reducer.finish()
-        grad_norm_t = self.grad_norm_tensor()
-        # The step's one blocking read: every loss, the gradient norm and the ranks' agreement on
-        # finiteness (a MAX all-reduce on the device) come back to the host in one transfer.
-        keys = list(losses)
-        vals = torch.stack([losses[k].float() for k in keys] + [grad_norm_t.float()])
-        bad = (~torch.isfinite(vals[[keys.index("loss"), -1]])).any().float().reshape(1)
-        all_reduce(bad, self.ps.world_group, self.device, "max")
-        *host, agreed_bad = torch.cat([vals, bad]).tolist()
-        out = dict(zip(keys, host[:-1]))
-        grad_norm = host[-1]
-        if self._nonfinite_step(out["loss"], grad_norm, agreed_bad=agreed_bad):
-            zero_grad(self.optimizer)  # skip_step: no update, EMA, thresholds
+        out, grad_norm, skipped = self.optimizer_step(losses)
+        if skipped:  # train.nonfinite=skip_step: no update, EMA, thresholds
             self.step += 1
             out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
             return {**out, "skipped": 1.0}
-        if cfg.grad_clip > 0:  # on the device: grads *= min(1, clip / (norm + 1e-6)), no read
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm_t)
-        self.optimizer.step()
-        reduce_thresholds(
-            self.model, self.ps
-        )  # post-step hook: kth statistics over world, then EMA
+        # post-step hooks, whatever the engine: kth statistics over the world, then the EMA
+        reduce_thresholds(self.model, self.ps)
         update_ema(self.ema, self.model, cfg.ema_decay)
         self.step += 1
         out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
@@ -487,7 +533,11 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.ckpt.save(
-            self.step, self.model, self.ema, self.optimizer, extra={"data_position": self.step}
+            self.step,
+            self.model,
+            self.ema,
+            self.checkpoint_optimizer(),
+            extra={"data_position": self.step},
         )
         self._last_saved = self.step
         return path

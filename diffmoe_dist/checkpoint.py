@@ -259,9 +259,10 @@ def check_compatible(path: Path, cfg: Config) -> dict[str, Any]:
 
 
 def _state(
-    model: nn.Module, ema: nn.Module | None, optimizer: Any, gather: bool = True
+    model: nn.Module | None, ema: nn.Module | None, optimizer: Any, gather: bool = True
 ) -> dict[str, torch.Tensor]:
-    state = model_state(model, "model.")
+    # model None: only the EMA is wanted (inference loads one copy, diffmoe_dist/inference)
+    state = model_state(model, "model.") if model is not None else {}
     if ema is not None:
         state.update(model_state(ema, "ema."))
     if optimizer is not None:
@@ -279,7 +280,7 @@ def _state(
 def load_checkpoint(
     path: Path,
     cfg: Config,
-    model: nn.Module,
+    model: nn.Module | None,  # None: the EMA only (inference)
     ema: nn.Module | None,
     optimizer: Any = None,  # a torch optimizer, or see _state
     rank: int = 0,
@@ -330,7 +331,7 @@ def _agree(path: Path | None, rank: int, group: dist.ProcessGroup | None) -> Pat
 def load_for_reading(
     path: Path,
     cfg: Config,
-    model: nn.Module,
+    model: nn.Module | None,
     ema: nn.Module | None,
     rank: int = 0,
     world_size: int = 1,

@@ -490,12 +490,9 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     if p.ep < 1:
         raise ValueError(f"parallel.ep={p.ep}; must be >= 1")
-    if moe.mode == "dense" and p.ep > 1:
-        raise ValueError(
-            f"parallel.ep={p.ep} with moe.mode='dense': a dense FFN has no experts to shard"
-        )
-    if moe.mode != "dense" and moe.num_experts % p.ep:
-        raise ValueError(f"parallel.ep={p.ep} does not divide moe.num_experts={moe.num_experts}")
+    from diffmoe_dist.parallel.layout import check_experts  # the layout's own check, at load time
+
+    check_experts(p.ep, moe.num_experts if moe.mode != "dense" else 0)
     _choice(p.groups, ("torch", "deepspeed", "megatron"), "parallel.groups")
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _positive(p.timeout_s, "parallel.timeout_s")
@@ -538,44 +535,15 @@ def _validate_objective(cfg: Config) -> None:
 
 
 def validate_layout(cfg: Config, world_size: int) -> dict[str, int]:
-    """Check the configured model can be realised on ``world_size`` ranks; return the derived sizes.
+    """The layout's numbers (world_size, ep, dp, micro_batch, pool_span) as a dict; ValueError with
+    every number when it cannot be laid out. The checks live in parallel/layout.py (their one home)."""
+    from diffmoe_dist.parallel.layout import layout_from_config
 
-    Raises ValueError with every number when the global batch, ep or pool cannot be laid out.
-    """
-    G, ep, P = cfg.train.global_batch_size, cfg.parallel.ep, cfg.moe.pool_samples
-    A = cfg.train.grad_accum_steps
-    if G % world_size:
-        raise ValueError(
-            f"train.global_batch_size={G} is not divisible by the world size {world_size}"
-        )
-    if world_size % ep:
-        raise ValueError(f"parallel.ep={ep} does not divide the world size {world_size}")
-    if G % (world_size * A):
-        raise ValueError(
-            f"train.grad_accum_steps={A} does not divide the per-rank batch {G // world_size} "
-            f"(train.global_batch_size={G} / world {world_size}) into equal micro-batches"
-        )
-    micro = G // (world_size * A)  # samples per rank per forward
-    info = {"world_size": world_size, "ep": ep, "dp": world_size // ep, "micro_batch": micro}
-    # diffmoe routes over pools; tc takes its load-balancing statistics over the same pools.
-    if cfg.moe.mode in ("diffmoe", "tc"):
-        if (G // A) % P:
-            raise ValueError(
-                f"moe.pool_samples={P} does not divide train.global_batch_size={G} / "
-                f"train.grad_accum_steps={A} = {G // A}: "
-                "the global batch is cut into pools of pool_samples consecutive samples"
-            )
-        if micro % P == 0:
-            info["pool_span"] = 1
-        elif P % micro == 0 and ep % (P // micro) == 0:
-            info["pool_span"] = P // micro
-        else:
-            raise ValueError(
-                f"this layout cannot realise moe.pool_samples={P}: micro-batch is {micro} "
-                f"(global batch {G} / world {world_size} / train.grad_accum_steps {A}); pool_samples "
-                "must divide the micro-batch, or be "
-                f"m x micro-batch with m dividing parallel.ep={ep}"
-            )
-    else:
-        info["pool_span"] = 1
-    return info
+    lay = layout_from_config(cfg, world_size)
+    return {
+        "world_size": lay.world_size,
+        "ep": lay.ep,
+        "dp": lay.dp,
+        "micro_batch": lay.micro_batch,
+        "pool_span": lay.pool_span,
+    }

@@ -357,24 +357,16 @@ def evaluate_run(
     run_dir: Path, rules: Sequence[str], overrides: Sequence[str], heldout_samples: int
 ) -> dict[str, dict[str, Any]]:
     """{rule: {accuracy, fd, c_infer, heldout_loss, ...}} for the run's latest checkpoint (EMA)."""
-    from diffmoe_dist.checkpoint import load_for_reading
     from diffmoe_dist.evaluate import evaluate_checkpoint
-    from diffmoe_dist.models.dit import DiffMoE
+    from diffmoe_dist.inference import load_model
     from diffmoe_dist.parallel.distributed import cleanup
-    from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model
-    from diffmoe_dist.sample import _sampling_layout, resolve_with_config
-    from diffmoe_dist.transport.objective import model_out_channels
+    from diffmoe_dist.sample import resolve_with_config
 
     ckpt, cfg = resolve_with_config(str(run_dir), None, list(overrides))
     if cfg.data.name != "digits":
         raise ValueError(f"the routing study runs on the digits; {run_dir} has {cfg.data.name}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ps = build_parallel_state(_sampling_layout(cfg, 1), 1, 0)
-    out_c = model_out_channels(cfg)
-    model = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
-    ema = parallelize_model(DiffMoE(cfg.model, cfg.moe, out_channels=out_c), ps)
-    ckpt, _ = load_for_reading(ckpt, cfg, model, ema, follow_latest=True)
-    net = (ema if cfg.sample.use_ema else model).to(device).eval()
+    net = load_model(cfg, ckpt, device=device, follow_latest=True).net  # one model, EMA by default
     data = heldout_set(cfg.model.input_size, heldout_samples)
     # The held-out loss runs whole training pools (DiffMoE) so static top-k sees the training S.
     loss_bs = cfg.moe.pool_samples if cfg.moe.mode == "diffmoe" else 64

@@ -39,12 +39,12 @@ import torch.distributed as dist
 from diffmoe_dist.checkpoint import (
     CheckpointVanished,
     latest_verified,
-    load_for_reading,
     no_verified_checkpoint_message,
     read_meta,
     require_verified,
 )
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
+from diffmoe_dist.inference import load_model
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.numerics import resolve_sample_precision, sampling_autocast, set_tf32
 from diffmoe_dist.parallel.distributed import (
@@ -54,10 +54,9 @@ from diffmoe_dist.parallel.distributed import (
     gather_rows_to_rank0,
     init_distributed,
 )
-from diffmoe_dist.parallel.parallelize import build_empty, build_parallel_state
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
-from diffmoe_dist.transport.objective import cfg_pool_for, get_objective, model_out_channels
+from diffmoe_dist.transport.objective import cfg_pool_for, get_objective
 
 
 class CapacityMeter:
@@ -316,8 +315,8 @@ def sample_from_checkpoint(
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """All ranks take part; rank 0 gets (uint8 NHWC images [N, H, W, C], report), others (None, report).
 
-    The checkpoint is loaded read-only (checkpoint.load_for_reading; rank 0's ``ckpt`` on every
-    rank). ``follow_latest``: ``ckpt`` is "the run's latest", so when a live trainer prunes it while
+    One model is built and loaded (diffmoe_dist.inference.load_model: read-only, rank 0's ``ckpt``
+    on every rank). ``follow_latest``: ``ckpt`` is "the run's latest", so when a live trainer prunes it while
     it is read, the newest checkpoint that verifies is used instead (the report names the one used).
 
     data.name=latents decodes with the VAE in ``vae_dir`` (on every rank, batch by batch). With
@@ -341,18 +340,11 @@ def sample_from_checkpoint(
         from diffmoe_dist.vae import decode, load_vae
 
         vae = load_vae(vae_dir, info.device)  # before the model: a bad path fails fast
-    ps = build_parallel_state(_sampling_layout(cfg, W), W, rank)
-    # Uninitialised (meta -> to_empty): the checkpoint fills them; the net that samples lives on the
-    # device, the other one (needed by the checkpoint's keys) on the CPU.
-    out_c, cpu = model_out_channels(cfg), torch.device("cpu")
-    model = build_empty(cfg, ps, cpu if cfg.sample.use_ema else info.device, out_c)
-    ema = build_empty(cfg, ps, info.device if cfg.sample.use_ema else cpu, out_c)
-    ckpt, _ = load_for_reading(ckpt, cfg, model, ema, rank, W, ps.world_group, follow_latest)
-    net = (ema if cfg.sample.use_ema else model).to(info.device).eval()
+    # one model for the sampling layout, EMA or live weights (sample.use_ema), inference rule set
+    loaded = load_model(cfg, ckpt, rank, W, info.device, follow_latest=follow_latest)
+    net, ps, ckpt = loaded.net, loaded.ps, loaded.checkpoint
     precision = resolve_sample_precision(cfg.sample.precision, info.device)
     set_tf32(precision != "fp32")  # TF32 for the fp32 matmuls unless exact fp32 was asked for
-    if cfg.moe.mode != "dense":
-        net.set_inference(cfg.moe.infer_mode, cfg.moe.infer_capacity, cfg.moe.gamma)
     n, bs = cfg.sample.num_samples, cfg.sample.batch_size
     done: set[int] = set()
     if parts_dir is not None:
@@ -534,13 +526,6 @@ def _run(cfg: Config, ckpt: Path, labels: torch.Tensor, info: Any, args: argpars
         shutil.rmtree(parts)
     print(json.dumps(report), flush=True)
     return 0
-
-
-def _sampling_layout(cfg: Config, world_size: int) -> Config:
-    """Sampling has no global training batch: validate the layout with one sample per rank pool."""
-    d = cfg.to_dict()
-    d["train"]["global_batch_size"] = world_size * cfg.moe.pool_samples
-    return from_dict(d).validate()
 
 
 if __name__ == "__main__":

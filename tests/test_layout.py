@@ -84,3 +84,29 @@ def test_startup_refuses_ep_with_dense_or_indivisible_experts():
         layout_from_config(_cfg(ep=2, mode="dense"), 2)
     with pytest.raises(ValueError, match=r"ep=3.*num_experts=4"):
         layout_from_config(_cfg(ep=3, E=4, G=3, P=1), 3)
+
+
+def test_one_home_for_the_refusals_and_the_numbers():
+    """The layout holds every number (ParallelState copies none; config.validate_layout is a view
+    of it); sampling builds its layout directly (no invented global batch)."""
+    from diffmoe_dist.config import validate_layout
+    from diffmoe_dist.parallel.layout import sampling_layout
+
+    lay = layout_from_config(_cfg(ep=2, G=8, P=4), 4)
+    assert validate_layout(_cfg(ep=2, G=8, P=4), 4) == {
+        "world_size": 4,
+        "ep": 2,
+        "dp": 2,
+        "micro_batch": 2,
+        "pool_span": 2,
+    }
+    assert sampling_layout(_cfg(ep=1, G=8, P=4), 1) == Layout(1, 1, 1, 4)
+    ps = build_parallel_state(_cfg(), 1, 0, sampling_layout(_cfg(), 1))
+    assert ps.layout == Layout(1, 1, 1, 4) and (ps.ep, ps.dp, ps.ep_rank, ps.pool_span) == (
+        1,
+        1,
+        0,
+        1,
+    )
+    with pytest.raises(ValueError, match="layout is for world size 4, not 1"):
+        build_parallel_state(_cfg(), 1, 0, lay)

@@ -4,8 +4,8 @@
 (DESIGN.md section 2, parallel/layout.py): ep groups are consecutive ranks ``[g*ep, (g+1)*ep)`` and
 edp groups are the ranks with the same ``rank % ep``.
 
-    torch      DeviceMesh of shape (dp, ep), dims ("edp", "ep"): a row is an ep group, a column an
-               edp group (row-major rank order gives exactly the layout above)
+    torch      torch.distributed.new_group over the layout's rank lists (parallel/layout.py); the
+               path training takes by default
     deepspeed  deepspeed.utils.groups._create_expert_and_data_parallel(ep), the groups DeepSpeed-MoE
                reduces expert gradients over (registered under the name ``ep_size_<ep>``)
     megatron   megatron.core.parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
@@ -28,6 +28,8 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from diffmoe_dist.parallel.layout import edp_groups, ep_groups
+
 log = logging.getLogger(__name__)
 
 GROUP_SOURCES = ("torch", "deepspeed", "megatron")
@@ -44,12 +46,6 @@ class ExpertGroups:
     edp_group: ProcessGroup | None
 
 
-def expected_ranks(world_size: int, rank: int, ep: int) -> tuple[list[int], list[int]]:
-    """(ep_ranks, edp_ranks) of ``rank`` under the project layout (no torch.distributed needed)."""
-    g = rank // ep
-    return list(range(g * ep, (g + 1) * ep)), list(range(rank % ep, world_size, ep))
-
-
 def build_expert_groups(
     source: str, world_size: int, rank: int, ep: int, timeout: timedelta | None = None
 ) -> ExpertGroups:
@@ -61,9 +57,8 @@ def build_expert_groups(
     """
     if source not in GROUP_SOURCES:
         raise ValueError(f"parallel.groups={source!r}; expected one of {', '.join(GROUP_SOURCES)}")
-    if ep < 1 or world_size % ep:
-        raise ValueError(f"parallel.ep={ep} does not divide the world size {world_size}")
-    want_ep, want_edp = expected_ranks(world_size, rank, ep)
+    all_ep, all_edp = ep_groups(world_size, ep), edp_groups(world_size, ep)  # checks the degrees
+    want_ep, want_edp = all_ep[rank // ep], all_edp[rank % ep]
     if world_size == 1:
         return ExpertGroups(source, want_ep, want_edp, None, None)
     if not dist.is_initialized():
@@ -87,17 +82,15 @@ def build_expert_groups(
 def _torch_groups(
     world_size: int, ep: int, timeout: timedelta | None
 ) -> tuple[ProcessGroup, ProcessGroup]:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    # DeviceMesh takes the default group's timeout; `timeout` applies to the other two sources only.
-    mesh = init_device_mesh(
-        "cpu" if _is_gloo() else "cuda", (world_size // ep, ep), mesh_dim_names=("edp", "ep")
-    )
-    return mesh.get_group("ep"), mesh.get_group("edp")
-
-
-def _is_gloo() -> bool:
-    return dist.get_backend() == "gloo"
+    # The production path: one dist.new_group per group of the layout, every rank in the same order.
+    rank = dist.get_rank()
+    mine = []
+    for groups in (ep_groups(world_size, ep), edp_groups(world_size, ep)):
+        for ranks in groups:
+            g = dist.new_group(ranks=ranks, timeout=timeout)
+            if rank in ranks:
+                mine.append(g)
+    return mine[0], mine[1]
 
 
 def disable_deepspeed_shm_comm() -> None:

@@ -44,23 +44,43 @@ GRAD_REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class ParallelState:
-    world_size: int
+    """A rank's place in the layout (parallel/layout.py, which owns every number) and its groups."""
+
+    layout: Layout
     rank: int
-    ep: int
-    dp: int
-    ep_rank: int
-    edp_rank: int
-    pool_span: int
     world_group: ProcessGroup | None  # None when world_size == 1 (no collectives at all then)
     ep_group: ProcessGroup | None  # ranks sharing one set of experts (size ep)
     edp_group: ProcessGroup | None  # ranks holding the same expert slice (size world/ep)
     pool_group: ProcessGroup | None  # the pool_span consecutive ep ranks one pool spans
-    layout: Layout | None = None
     dedup_tokens: bool = False
 
     @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def pool_span(self) -> int:
+        return self.layout.pool_span
+
+    @property
+    def ep_rank(self) -> int:
+        return self.layout.ep_rank(self.rank)
+
+    @property
+    def edp_rank(self) -> int:
+        return self.layout.edp_rank(self.rank)
+
+    @property
     def pool_index(self) -> int:
-        return self.rank % self.pool_span
+        return self.layout.pool_index(self.rank)
 
 
 # (default group, partition, timeout) -> this rank's group: each partition is created once per
@@ -93,15 +113,22 @@ def _new_groups(
     return _GROUPS[key]
 
 
-def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelState:
-    """Validate the layout (ValueError with the numbers), then create the process groups.
+def build_parallel_state(
+    cfg: Config, world_size: int, rank: int, layout: Layout | None = None
+) -> ParallelState:
+    """Create the process groups of ``layout`` (default: the training layout of ``cfg``, validated
+    here with ValueError naming the numbers); the trainer passes the layout it validated at start.
 
     Needs torch.distributed initialised when world_size > 1. Groups are created in a fixed order
     (world, ep, edp, pool) on every rank, each with cfg.parallel.timeout_s; the world group is the
     default group, groups of one rank are None, and a second call reuses the first call's groups
     (``_new_groups``). ``cleanup()`` (destroy_process_group) destroys them with the default group.
+    parallel.groups=torch creates the layout's rank lists here; deepspeed / megatron go through
+    groups.build_expert_groups (checked rank for rank against the layout).
     """
-    lay = layout_from_config(cfg, world_size)
+    lay = layout if layout is not None else layout_from_config(cfg, world_size)
+    if lay.world_size != world_size:
+        raise ValueError(f"the layout is for world size {lay.world_size}, not {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} outside world_size={world_size}")
     world_group = ep_group = edp_group = pool_group = None
@@ -115,7 +142,7 @@ def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelSta
             )
         timeout = timedelta(seconds=cfg.parallel.timeout_s)
         world_group = _new_groups([list(range(world_size))], rank, timeout)
-        if cfg.parallel.groups == "torch":
+        if cfg.parallel.groups == "torch":  # the layout's rank lists, created once per process
             ep_group = _new_groups(lay.ep_groups(), rank, timeout)
             edp_group = _new_groups(lay.edp_groups(), rank, timeout)
         else:
@@ -127,18 +154,12 @@ def build_parallel_state(cfg: Config, world_size: int, rank: int) -> ParallelSta
             ep_group, edp_group = eg.ep_group, eg.edp_group
         pool_group = _new_groups(lay.pool_groups(), rank, timeout)
     return ParallelState(
-        world_size=world_size,
+        layout=lay,
         rank=rank,
-        ep=lay.ep,
-        dp=lay.dp,
-        ep_rank=lay.ep_rank(rank),
-        edp_rank=lay.edp_rank(rank),
-        pool_span=lay.pool_span,
         world_group=world_group,
         ep_group=ep_group,
         edp_group=edp_group,
         pool_group=pool_group,
-        layout=lay,
         dedup_tokens=cfg.parallel.dedup_tokens,
     )
 

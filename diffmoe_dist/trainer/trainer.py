@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from diffmoe_dist.checkpoint import CheckpointManager, read_meta, refuse_old_deepspeed_dir
-from diffmoe_dist.config import Config, save_config, validate_layout
+from diffmoe_dist.config import Config, save_config
 from diffmoe_dist.data import (
     FLIP_STREAM,
     LABEL_DROP_STREAM,
@@ -60,6 +60,7 @@ from diffmoe_dist.parallel.distributed import (
     broadcast_object,
     init_distributed,
 )
+from diffmoe_dist.parallel.layout import Layout, layout_from_config
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
     ParallelState,
@@ -102,10 +103,10 @@ class Trainer:
         )
         set_deterministic(cfg.train.deterministic)  # before the first CUDA matmul (cuBLAS config)
         set_tf32(cfg.train.tf32)
-        self.layout = validate_layout(cfg, self.world_size)
+        self.layout: Layout = layout_from_config(cfg, self.world_size)  # the one check per start
         self.run_dir = Path(cfg.run.dir)
         refuse_old_deepspeed_dir(self.run_dir)  # before any group work
-        self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank)
+        self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank, self.layout)
         self.run_lock = RunDirLock(self.run_dir)  # rank 0 holds it from here to the end of train()
         self._check_run_dir()
         # 2. data: the dataset defines channels / size / classes; they must match the model

@@ -48,7 +48,6 @@ from diffmoe_dist.inference import load_model
 from diffmoe_dist.models.dit import DiffMoE
 from diffmoe_dist.numerics import resolve_sample_precision, sampling_autocast, set_tf32
 from diffmoe_dist.parallel.distributed import (
-    all_reduce_host,
     barrier,
     cleanup,
     gather_rows_to_rank0,
@@ -60,54 +59,48 @@ from diffmoe_dist.transport.objective import cfg_pool_for, get_objective
 
 
 class CapacityMeter:
-    """Accumulates realised capacity (pairs / tokens) per MoE layer over every forward of a run.
+    """Sampling's view of the expert telemetry (diffmoe_dist/telemetry.py owns every counter).
 
-    With ``num_classes`` it also keeps expert telemetry (diffmoe_dist/telemetry.py: tokens per
-    expert, predictor precision/recall, compute by t bucket and class) over the whole run; set
-    ``valid`` [B] before a batch to leave its padding samples out of the telemetry.
+    C_infer per MoE layer = (token, expert) pairs / tokens over every forward of the run, of the
+    kept samples: set ``valid`` [B] before a batch to leave its padding samples out. ``reduce`` is
+    the telemetry's one packed all-reduce; ``use_totals`` replaces the counts by those summed over
+    the parts on disk (a resumed run).
     """
 
     def __init__(
         self,
-        num_classes: int | None = None,
+        num_classes: int,
         world_size: int = 1,
         rank: int = 0,
         device: torch.device | None = None,
     ) -> None:
-        self.pairs: list[int] = []
-        self.tokens: list[int] = []
-        self.telemetry = (
-            ExpertTelemetry(num_classes, world_size, rank) if num_classes is not None else None
-        )
+        self.telemetry = ExpertTelemetry(num_classes, world_size, rank)
         self.valid: torch.Tensor | None = None
         self.device = device
+        self._totals: tuple[list[int], list[int]] | None = None
 
-    def add(
-        self, model: DiffMoE, t: torch.Tensor | None = None, y: torch.Tensor | None = None
-    ) -> None:
-        stats = model.moe_stats()
-        if self.telemetry is not None and t is not None and y is not None:
-            self.telemetry.add(stats, t, y, self.valid)
-        if not self.pairs:
-            self.pairs, self.tokens = [0] * len(stats), [0] * len(stats)
-        for i, s in enumerate(stats):
-            self.pairs[i] += s.pairs
-            self.tokens[i] += s.tokens
+    @property
+    def pairs(self) -> list[int]:
+        return [int(v) for v in self.telemetry.sizes[:, 0].tolist()]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [int(v) for v in self.telemetry.sizes[:, 1].tolist()]
+
+    def add(self, model: DiffMoE, t: torch.Tensor, y: torch.Tensor) -> None:
+        self.telemetry.add(model.moe_stats(), t, y, self.valid)
 
     def reduce(self, group: dist.ProcessGroup | None) -> None:
-        if self.telemetry is not None:
-            self.telemetry.reduce(group, self.device)  # one packed all-reduce, every rank
-        if group is None or not self.pairs:
-            return
-        t = torch.tensor([self.pairs, self.tokens], dtype=torch.float64)
-        t = all_reduce_host(t, group, self.device or torch.device("cpu"))  # via the device (NCCL)
-        self.pairs, self.tokens = [int(v) for v in t[0].tolist()], [int(v) for v in t[1].tolist()]
+        self.telemetry.reduce(group, self.device)  # one packed all-reduce, every rank
+
+    def use_totals(self, pairs: list[int], tokens: list[int]) -> None:
+        self._totals = (pairs, tokens)
 
     def summary(self) -> dict[str, Any]:
-        per = [p / max(n, 1) for p, n in zip(self.pairs, self.tokens)]
+        pairs, tokens = self._totals or (self.pairs, self.tokens)
+        per = [p / max(n, 1) for p, n in zip(pairs, tokens)]
         out = {"c_infer_per_layer": per, "c_infer": (sum(per) / len(per)) if per else 1.0}
-        if self.telemetry is not None:
-            out["telemetry"] = self.telemetry.summary()
+        out["telemetry"] = self.telemetry.summary()
         return out
 
 
@@ -380,7 +373,8 @@ def sample_from_checkpoint(
     if parts_dir is not None:
         barrier(ps.world_group)  # all parts are on disk
         if rank == 0:
-            result, meter.pairs, meter.tokens = _read_parts(parts_dir, n)
+            result, pairs, tokens = _read_parts(parts_dir, n)
+            meter.use_totals(pairs, tokens)
     else:
         # uint8 images [per_rank, H, W, C] travel through the device (NCCL takes CUDA tensors only)
         gathered = gather_rows_to_rank0(torch.cat(outs), ps.world_group, info.device)

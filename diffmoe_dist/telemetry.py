@@ -14,6 +14,10 @@ Tokens are sample-major: a forward on B samples leaves ``token_pairs`` [N = B*T]
 sample n // T. Time convention (transport/path.py): t = 0 noise, t = 1 data; bucket b holds
 t in [b/10, (b+1)/10), t = 1 goes to the last bucket.
 
+The one home of MoE statistics: the trainer (``log_metrics`` at log steps: also the thresholds and
+the dispatchers' byte counters), the sampler (sample.CapacityMeter: C_infer and sample_report.json)
+and the studies read these counters; nothing else walks the model for them.
+
 Besides, per rank: wall time in the expert dispatcher's collectives (``comm_time_s`` of the
 all-to-all dispatchers), step time, and peak RSS (``resource.getrusage``). ``reduce`` packs every
 counter into one float64 tensor and all-reduces it once (SUM) on the group it is given; integer
@@ -32,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from diffmoe_dist.models.moe import MoEStats
+from diffmoe_dist.models.moe import MoELayer, MoEStats
+from diffmoe_dist.parallel.dispatch import a2a_bytes_summary
 from diffmoe_dist.parallel.distributed import all_reduce_host
 
 NUM_T_BUCKETS = 10
@@ -258,12 +263,24 @@ class ExpertTelemetry:
         return out
 
     def log_metrics(
-        self, group: dist.ProcessGroup | None, device: torch.device | None = None
+        self,
+        group: dist.ProcessGroup | None,
+        device: torch.device | None = None,
+        model: nn.Module | None = None,
     ) -> dict[str, Any]:
-        """reduce + summary (without the keys the trainer already logs) + reset: for metrics.jsonl."""
+        """The MoE part of one metrics.jsonl record: reduce (the one all-reduce of a log step) +
+        summary + reset. With ``model``: its MoE thresholds (the same on every rank) and ``a2a_bytes``
+        (this rank's dispatcher byte counters since the last log, then zeroed; no collective)."""
         self.reduce(group, device)
-        out = self.summary(include_counts=False)
+        out = self.summary()
         self.reset()
+        if model is not None:
+            layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+            if layers:
+                out["thresholds"] = [m.thresholds.tolist() for m in layers]
+            a2a = a2a_bytes_summary(model)
+            if a2a:
+                out["a2a_bytes"] = a2a
         return out
 
 

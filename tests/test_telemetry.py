@@ -122,6 +122,46 @@ def test_training_telemetry_two_ranks_equals_one(runs: dict[str, Path]) -> None:
         assert len(b["peak_mem_mb_per_rank"]) == 2 and b["peak_mem_mb"] > 0
         assert b["a2a_time_s"] > 0 and 0 < b["a2a_share"] < 1  # ep=2 moves tokens
         assert a["a2a_share"] == 0.0
+        assert a["thresholds"] == b["thresholds"] and b["pool_samples"] == 4
+        assert b["a2a_bytes"]["total"] and "a2a_bytes" not in a  # ep=1: nothing moved
+
+
+def _one_all_reduce(rank: int, world_size: int, run_dir: str) -> int:
+    from helpers_run import TINY
+
+    from diffmoe_dist.config import load_config
+    from diffmoe_dist.parallel.distributed import DistInfo
+    from diffmoe_dist.trainer.trainer import Trainer
+
+    cfg = load_config(str(TINY), [f"run.dir={run_dir}", "parallel.ep=2", "parallel.backend=gloo"])
+    tr = Trainer(cfg, DistInfo(rank, world_size, 0, torch.device("cpu"), "gloo"))
+    tr.train_step()
+    tr.train_step()
+    calls = []
+    real = torch.distributed.all_reduce
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    torch.distributed.all_reduce = counting
+    try:
+        rec = tr.moe_metrics()
+    finally:
+        torch.distributed.all_reduce = real
+    assert sum(map(sum, rec["tokens_per_expert"])) == 2 * 16 * 16  # two steps since the last log
+    return len(calls)
+
+
+def test_moe_statistics_cost_one_all_reduce_per_log_step(tmp_path: Path) -> None:
+    """telemetry.py is the one home: the trainer's MoE record of a log step (counters, capacity,
+    thresholds, bytes) is one all-reduce, and counts cover every step since the previous log."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from dist_utils import run_distributed
+
+    assert run_distributed(_one_all_reduce, 2, args=(str(tmp_path / "r"),), timeout_s=200) == [1, 1]
 
 
 def _sample(run_dir: Path, out: Path, nproc: int) -> dict:
@@ -134,12 +174,15 @@ def _sample(run_dir: Path, out: Path, nproc: int) -> dict:
         cmd += ["--set", s]
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads((out / "sample_report.json").read_text())["telemetry"]
+    return json.loads((out / "sample_report.json").read_text())
 
 
 def test_sampling_telemetry_two_ranks_equals_one(runs: dict[str, Path], tmp_path: Path) -> None:
-    one = _sample(runs["one"], tmp_path / "s1", 1)
-    two = _sample(runs["one"], tmp_path / "s2", 2)
+    rep1 = _sample(runs["one"], tmp_path / "s1", 1)
+    rep2 = _sample(runs["one"], tmp_path / "s2", 2)
+    # C_infer comes from the same counters (padding excluded), so it is layout-free too
+    assert rep1["c_infer_per_layer"] == rep2["c_infer_per_layer"]
+    one, two = rep1["telemetry"], rep2["telemetry"]
     for key in TELEMETRY_KEYS:
         assert one[key] == two[key], f"{key}: {one[key]} vs {two[key]}"
     # 8 Euler steps x 5 samples x 2 (CFG) x 16 tokens, padding excluded

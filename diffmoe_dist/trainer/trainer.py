@@ -507,29 +507,11 @@ class Trainer:
         return int(flag.item())
 
     def moe_metrics(self) -> dict[str, Any]:
-        tele = self.telemetry.log_metrics(self.ps.world_group, self.device)  # one all-reduce
-        stats = self.model.moe_stats()
-        if not stats:
-            return tele
-        # Summed over all ranks, so the numbers are those of the global batch whatever the layout.
-        counts = torch.stack([s.expert_counts.double().cpu() for s in stats])  # [layers, E]
-        sizes = torch.tensor([[s.pairs, s.tokens] for s in stats], dtype=torch.float64)
-        if self.ps.world_group is not None:
-            packed = torch.cat([counts, sizes], dim=1).to(self.device)
-            all_reduce(packed, self.ps.world_group, self.device)
-            counts, sizes = packed[:, :-2].cpu(), packed[:, -2:].cpu()
-        out: dict[str, Any] = {**tele, "capacity_per_layer": (sizes[:, 0] / sizes[:, 1]).tolist()}
-        out["tokens_per_expert"] = counts.long().tolist()
-        out["thresholds"] = [layer.thresholds.tolist() for layer in self.model.moe_layers()]
-        out["pool_samples"] = self.cfg.moe.pool_samples
-        try:
-            from diffmoe_dist.parallel.dispatch import a2a_bytes_summary
-
-            summary = a2a_bytes_summary(self.model)
-            if summary:
-                out["a2a_bytes"] = summary
-        except ImportError:
-            pass
+        """MoE statistics since the last log step, summed over ranks (telemetry.py: one all-reduce),
+        so the numbers are those of the global batches whatever the layout."""
+        out = self.telemetry.log_metrics(self.ps.world_group, self.device, self.model)
+        if "tokens_per_expert" in out:
+            out["pool_samples"] = self.cfg.moe.pool_samples
         return out
 
     def save(self) -> Path:

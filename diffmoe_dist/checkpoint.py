@@ -408,6 +408,19 @@ def _rng_keys(path: Path, rank: int) -> dict[str, torch.Tensor]:
 OLD_DEEPSPEED_DIR = "ds_checkpoints"
 
 
+def precheck_resume(run_dir: Path, cfg: Config) -> None:
+    """Before any group work: the newest checkpoint whose manifest reads must be of this model and
+    pool (check_compatible: ValueError naming the checkpoint and the numbers). Read-only, every rank;
+    the full verification (sha256) and the choice of checkpoint happen at resume as before."""
+    for path in list_checkpoints(Path(run_dir) / "checkpoints"):
+        try:
+            read_meta(path)
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable: resume skips it (or refuses) with its own message
+        check_compatible(path, cfg)
+        return
+
+
 def refuse_old_deepspeed_dir(run_dir: Path) -> None:
     """ValueError when ``run_dir`` holds checkpoints in the pre-unification DeepSpeed format.
 

@@ -36,7 +36,12 @@ from typing import Any
 
 import torch
 
-from diffmoe_dist.checkpoint import CheckpointManager, read_meta, refuse_old_deepspeed_dir
+from diffmoe_dist.checkpoint import (
+    CheckpointManager,
+    precheck_resume,
+    read_meta,
+    refuse_old_deepspeed_dir,
+)
 from diffmoe_dist.config import Config, save_config
 from diffmoe_dist.data import (
     FLIP_STREAM,
@@ -106,6 +111,7 @@ class Trainer:
         self.layout: Layout = layout_from_config(cfg, self.world_size)  # the one check per start
         self.run_dir = Path(cfg.run.dir)
         refuse_old_deepspeed_dir(self.run_dir)  # before any group work
+        precheck_resume(self.run_dir, cfg)  # another model / pool: refused before groups too
         self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank, self.layout)
         self.run_lock = RunDirLock(self.run_dir)  # rank 0 holds it from here to the end of train()
         self._check_run_dir()

@@ -506,6 +506,11 @@ def validate(cfg: Config) -> None:
     _choice(cfg.objective, OBJECTIVES, "objective")
     _validate_objective(cfg)
     _choice(cfg.engine, ("native", "deepspeed"), "engine")
+    if cfg.engine == "deepspeed" and cfg.deepspeed.zero_stage == 0 and t.precision == "bf16":
+        raise ValueError(
+            "deepspeed.zero_stage=0 with train.precision='bf16': DeepSpeed's stage-0 bf16 optimizer "
+            "does not handle expert parameter groups; use deepspeed.zero_stage=1 or 2"
+        )
     if cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ValueError(
             f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}; supported: 0, 1, 2 "

@@ -94,7 +94,8 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], ep: int, local_ran
         config_class=DeepSpeedConfig(ds_config),
         dist_init_required=False,
     )
-    if layers and not engine.optimizer.has_moe_layers:
+    # ZeRO 1/2 optimizers say whether they split the expert groups; ZeRO 0 steps a plain optimizer
+    if layers and getattr(engine.optimizer, "has_moe_layers", True) is False:
         raise RuntimeError("DeepSpeed's optimizer did not pick up the expert parameter groups")
     return engine
 

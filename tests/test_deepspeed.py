@@ -218,3 +218,9 @@ def test_zero3_and_fp16_in_our_config_are_refused() -> None:
         _cfg("/tmp/x", "engine=deepspeed", "deepspeed.zero_stage=3")
     with pytest.raises(ValueError, match="train.precision='fp16'"):
         _cfg("/tmp/x", "engine=deepspeed", "train.precision=fp16")
+
+
+def test_zero0_bf16_is_refused_at_load() -> None:
+    with pytest.raises(ValueError, match=r"deepspeed.zero_stage=0 with train.precision='bf16'"):
+        _cfg("/tmp/x", "engine=deepspeed", "deepspeed.zero_stage=0", "train.precision=bf16")
+    assert _cfg("/tmp/x", "engine=deepspeed", "deepspeed.zero_stage=0").deepspeed.zero_stage == 0

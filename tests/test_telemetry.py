@@ -122,7 +122,9 @@ def test_training_telemetry_two_ranks_equals_one(runs: dict[str, Path]) -> None:
         assert len(b["peak_mem_mb_per_rank"]) == 2 and b["peak_mem_mb"] > 0
         assert b["a2a_time_s"] > 0 and 0 < b["a2a_share"] < 1  # ep=2 moves tokens
         assert a["a2a_share"] == 0.0
-        assert a["thresholds"] == b["thresholds"] and b["pool_samples"] == 4
+        # thresholds are float state (an EMA of all-reduced statistics): equal to rounding
+        ta, tb = (sum(r["thresholds"], []) for r in (a, b))
+        assert tb == pytest.approx(ta, rel=1e-6) and b["pool_samples"] == 4
         assert b["a2a_bytes"]["total"] and "a2a_bytes" not in a  # ep=1: nothing moved
 
 

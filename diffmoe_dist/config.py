@@ -58,6 +58,9 @@ class MoEConfig:
     cp_loss_weight: float = 1.0
     threshold_decay: float = 0.95
     balance_loss_weight: float = 0.01  # Switch load-balancing loss (tc only)
+    grouped_mm: bool = (
+        True  # uneven expert counts via torch._grouped_mm where available, else a loop
+    )
     # Inference rule used in eval mode (EMA model, sampling):
     #   static: top-k with capacity infer_capacity; dynamic: the paper's rule (predictor counts, router
     #   chooses) with learned thresholds; gamma: dynamic with one global threshold `gamma`;
@@ -115,6 +118,7 @@ class TrainConfig:
     # (each whole pools), gradients accumulate locally and are reduced once per step.
     grad_accum_steps: int = 1
     fused_adamw: bool = True  # torch AdamW fused (CPU / CUDA) where available, else foreach
+    activation_checkpointing: str = "none"  # none | blocks (recompute each DiT block in backward)
 
 
 @dataclass
@@ -126,6 +130,9 @@ class DataConfig:
     # latents: when shard sha256 checksums are checked. auto: all at start-up for a set of at most
     # 4 GiB, else each shard on first read; always: all at start-up; never: sizes and headers only.
     verify: str = "auto"
+    # the next step's batch (dataset read + per-sample draws) is prepared on a background thread
+    # while the current step runs; same batches in the same order either way
+    prefetch: bool = True
 
 
 @dataclass
@@ -461,6 +468,7 @@ def validate(cfg: Config) -> None:
     _choice(t.grad_reduce_dtype, ("fp32", "bf16"), "train.grad_reduce_dtype")
     _positive(t.grad_bucket_mb, "train.grad_bucket_mb")
     _positive(t.grad_accum_steps, "train.grad_accum_steps")
+    _choice(t.activation_checkpointing, ("none", "blocks"), "train.activation_checkpointing")
     if t.grad_accum_steps > 1 and cfg.engine != "native":
         raise ValueError(
             f"train.grad_accum_steps={t.grad_accum_steps} needs engine='native' (got {cfg.engine!r}; "

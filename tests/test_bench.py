@@ -315,3 +315,28 @@ def test_bench_step_bad_variant() -> None:
         bench_step.main(TOY_STEP + ["--variant", "novalue"])
     with pytest.raises(SystemExit, match="grad_reduce_dtype"):
         bench_step.main(TOY_STEP + ["--ranks=1", "--set=train.grad_reduce_dtype=fp8"])
+
+
+def test_plan_models_overlap_bf16_and_accumulation() -> None:
+    kw = dict(global_batch=2048)
+    flat = plan("DiffMoE-XL-E16", 8, 8, 8, overlap=False, **kw)
+    over = plan("DiffMoE-XL-E16", 8, 8, 8, **kw)
+    bf16 = plan("DiffMoE-XL-E16", 8, 8, 8, grad_reduce_dtype="bf16", **kw)
+    # overlap hides the sync behind the last backward (2/3 of compute); bf16 halves its bytes
+    assert over.grad_sync_ms == pytest.approx(
+        max(flat.grad_sync_ms - 2 / 3 * flat.compute_ms, 0), abs=1.0
+    )
+    assert bf16.grad_sync_ms < over.grad_sync_ms < flat.grad_sync_ms
+    # issue 15 target: weak scaling at micro-batch 32, 8 nodes keep >= 85% of one node's throughput
+    one = plan("DiffMoE-XL-E16", 1, 8, 8, global_batch=256, grad_reduce_dtype="bf16")
+    assert one.micro_batch == bf16.micro_batch == 32
+    assert one.step_ms / bf16.step_ms >= 0.85
+    # accumulation: half the micro-batch twice; compute and all-to-all bytes add up, one sync
+    acc = plan("DiffMoE-XL-E16", 8, 8, 8, overlap=False, accum=2, **kw)
+    assert acc.micro_batch == 16
+    assert acc.compute_ms == pytest.approx(flat.compute_ms)
+    assert acc.grad_sync_ms == pytest.approx(flat.grad_sync_ms)
+    with pytest.raises(ValueError, match="accum"):
+        plan("DiffMoE-XL-E16", 8, 8, 8, accum=3, **kw)
+    with pytest.raises(ValueError, match="grad_reduce_dtype"):
+        plan("DiffMoE-XL-E16", 8, 8, 8, grad_reduce_dtype="fp8", **kw)

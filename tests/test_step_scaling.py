@@ -5,7 +5,9 @@
   before any gradient of block 0 exists, i.e. while backward is still running.
 - bf16 reduction: weights after steps stay within bf16 rounding of the fp32 reduction.
 - accumulation: grad_accum_steps=2 gives the same pools, thresholds and loss curve as the same
-  global batch in one micro-batch (the trainer, 1 process and 2 ranks).
+  global batch in one micro-batch (the trainer, 1 process and 2 ranks); so does
+  train.activation_checkpointing=blocks (2 ranks, ep 2: the all-to-alls re-run in backward).
+- host syncs: a training step holds the named budgets below (SyncCounter of tools/bench_step.py).
 The exact fp32 equality of the overlapped reduction with the single-process reference at world 2
 and 4 is in tests/test_expert_parallel.py (test_model_loss_curve_matches_single_process).
 """
@@ -189,6 +191,9 @@ def _scaling_worker(rank: int, world: int, tmp: str) -> dict:
     accum = ["parallel.ep=2", "train.global_batch_size=16", "moe.pool_samples=4"]
     tr = _trainer(f"{tmp}/accum", [*accum, "train.grad_accum_steps=2"], rank, world)
     out["accum"] = _losses_and_thresholds(tr, 3)
+    # activation checkpointing: MoE blocks re-run routing and all-to-alls in backward
+    tr = _trainer(f"{tmp}/ckpt", [*accum, "train.activation_checkpointing=blocks"], rank, world)
+    out["ckpt"] = _losses_and_thresholds(tr, 3)
     return out
 
 
@@ -206,7 +211,7 @@ def test_host_syncs_of_a_training_step_hold_the_budget(scaling_run, tmp_path):
     runs = [{"static": _count_step_syncs(tr) | {"layers": 1}}] + scaling_run
     for rank, r in enumerate(runs):
         for name, c in r.items():
-            if name == "accum":
+            if name in ("accum", "ckpt"):
                 continue
             sec = c["sections"]
             per_layer = (
@@ -219,7 +224,7 @@ def test_host_syncs_of_a_training_step_hold_the_budget(scaling_run, tmp_path):
             assert r["tc"]["sections"].get("moe", 0) >= 1, r["tc"]
 
 
-def test_grad_accumulation_equals_one_big_batch(scaling_run, tmp_path):
+def test_grad_accumulation_and_checkpointing_keep_the_loss_curve(scaling_run, tmp_path):
     # reference: the same global batch (16 samples, pools of 4) in one micro-batch on one process
     ref = _losses_and_thresholds(
         _trainer(str(tmp_path / "ref"), ["train.global_batch_size=16", "moe.pool_samples=4"]), 3
@@ -237,7 +242,11 @@ def test_grad_accumulation_equals_one_big_batch(scaling_run, tmp_path):
         "thresholds": scaling_run[0]["accum"]["thresholds"],
     }
     assert torch.equal(scaling_run[1]["accum"]["thresholds"], two["thresholds"])
-    for got in (one, two):
+    ckpt = {
+        "losses": [sum(v) / 2 for v in zip(*(r["ckpt"]["losses"] for r in scaling_run))],
+        "thresholds": scaling_run[0]["ckpt"]["thresholds"],
+    }
+    for got in (one, two, ckpt):  # ckpt: train.activation_checkpointing=blocks, 2 ranks, ep 2
         torch.testing.assert_close(
             torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-6
         )
@@ -256,3 +265,18 @@ def test_grad_accum_bad_values():
     )
     with pytest.raises(ValueError, match=r"moe.pool_samples=8 .*grad_accum_steps=4"):
         validate_layout(cfg, 1)
+
+
+def test_prefetch_keeps_batches_and_losses(tmp_path):
+    """data.prefetch: the next batch comes from a background thread; the same batches and losses."""
+    base = ["train.global_batch_size=8", "train.grad_accum_steps=2", "moe.pool_samples=4"]
+    on = _trainer(str(tmp_path / "on"), base)
+    off = _trainer(str(tmp_path / "off"), [*base, "data.prefetch=false"])
+    assert [on.train_step()["loss"] for _ in range(3)] == [
+        off.train_step()["loss"] for _ in range(3)
+    ]
+    assert on._prefetched and not off._prefetched  # the next micro-batch is already on its way
+    ((key, fut),) = on._prefetched.items()
+    assert key == (3, 0)
+    for a, b in zip(fut.result(), off.local_batch(3, 0)):
+        assert torch.equal(a, b)

@@ -29,6 +29,10 @@ FEATURE_FLAGS = {
     "grad_reduce_dtype": "train.grad_reduce_dtype",  # fp32 | bf16
     "grad_bucket_mb": "train.grad_bucket_mb",
     "grad_accum": "train.grad_accum_steps",
+    "grouped_mm": "moe.grouped_mm",  # true | false
+    "fused_adamw": "train.fused_adamw",  # true | false
+    "activation_checkpointing": "train.activation_checkpointing",  # none | blocks
+    "prefetch": "data.prefetch",  # true | false
 }
 
 
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="KEY=VALUE",
         help="any config override for every case (e.g. model.depth=2 for a toy run)",
     )
+    ap.add_argument("--grouped-mm", choices=("true", "false"), help="moe.grouped_mm")
+    ap.add_argument("--fused-adamw", choices=("true", "false"), help="train.fused_adamw")
+    ap.add_argument("--activation-checkpointing", choices=("none", "blocks"))
+    ap.add_argument("--prefetch", choices=("true", "false"), help="data.prefetch")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V")
     ap.add_argument("--table", nargs="+", metavar="JSON", help="print saved --json results")
     args = ap.parse_args(argv)
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
                 cases += bench_ranks(spec)
             except ValueError as e:
                 raise SystemExit(f"bench_step: {e}") from None
-            if not args.json:
-                print(f"... ranks {ranks}, {images} images per rank done", file=sys.stderr)
+            # partial results survive an interrupted sweep: one JSON line per finished rank count
+            print(json.dumps({"partial": cases[-len(models) * len(variants) :]}), file=sys.stderr)
     result = {"device": _device_name(args.device), "cases": cases}
     validate_result(result)
     if args.json:

@@ -4,6 +4,8 @@
     python tools/plan_cluster.py                                   # L-E16 and XL-E16, 1..8 nodes
     python tools/plan_cluster.py --bench bench.json --nodes 4,8 --ib-gbps 25 --json
     python tools/plan_cluster.py --models DiffMoE-L-E8 --ep 2,4,8 --global-batch 1024
+    python tools/plan_cluster.py --grad-reduce flat       # the reduction after backward (no overlap)
+    python tools/plan_cluster.py --grad-reduce-dtype bf16 --accum 2
 
 The model (FLOP counts, byte counts, link and memory assumptions) is in diffmoe_dist/bench/planner.py.
 Without --bench the compute rate is 40% of an H100's bf16 peak; with --bench it is what
@@ -42,6 +44,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--latency-us", type=float, default=Links.latency_us)
     ap.add_argument("--memory-gb", type=float, default=80.0, help="GPU memory limit")
     ap.add_argument("--bench", help="bench_moe.py --json output to calibrate compute rates")
+    ap.add_argument(
+        "--grad-reduce",
+        default="overlap",
+        choices=("overlap", "flat"),
+        help="train.grad_reduce: reduction overlapped with backward, or after it",
+    )
+    ap.add_argument("--grad-reduce-dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--accum", type=int, default=1, help="train.grad_accum_steps")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="train.grad_bucket_mb")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -76,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
                             args.pool_samples,
                             links,
                             rates,
+                            overlap=args.grad_reduce == "overlap",
+                            grad_reduce_dtype=args.grad_reduce_dtype,
+                            accum=args.accum,
+                            bucket_mb=args.bucket_mb,
                         )
                     )
                 except ValueError as e:

@@ -17,11 +17,22 @@ Communication per MoE layer per step, bytes this rank sends (parallel/dispatch.p
                                       b bytes per element; (ep-1)/ep = share of experts elsewhere
   scores  gathers x N E 4 (span - 1)  pool scores (and predictor probabilities: gathers = 2 for
                                       diffmoe) all-gathered when a pool spans ``span`` ranks
-  counts  (E / ep) 8 (ep - 1)         per-expert counts before each dispatch
+  counts  (E / ep) 8 (ep - 1)         per-expert counts before each dispatch, only when a pool spans
+                                      ranks (pools on one rank: static splits, nothing exchanged)
 The share of destinations inside the node goes at NVLink speed, the rest at InfiniBand speed, one after
 the other (no overlap), plus a latency per collective. Gradient sync: ring all-reduce, 2 (n-1)/n x the
-gradient bytes over the slowest link of the group (dense: whole world; experts: expert-data-parallel
-group), not overlapped with backward. These are a model's assumptions, not measurements.
+gradient bytes (4 per parameter, 2 with ``grad_reduce_dtype="bf16"``) over the group's bus bandwidth
+(dense: whole world; experts: expert-data-parallel group), once per step; across nodes that is the
+InfiniBand of the group's GPUs in one node (one ring per NIC, as NCCL runs multi-rail), in a node
+NVLink. What the trainer does
+(parallel/parallelize.py GradReducer):
+  overlap=True   the reduction runs during the last micro-batch's backward (2/3 of its compute);
+                 exposed = max(sync - backward, sync x last-bucket share), the last bucket
+                 (``bucket_mb``, the first layers' gradients) being issued when backward ends
+  overlap=False  exposed = the whole sync (train.grad_reduce=flat)
+Gradient accumulation (``accum`` micro-batches per step, train.grad_accum_steps): compute and
+all-to-all scale with accum at micro-batch G / (W accum), the sync does not.
+These are a model's assumptions, not measurements.
 
 Memory per GPU: parameters this rank holds (dense + E/ep experts of each MoE layer) x 20 bytes (fp32
 weights, gradients, two AdamW moments, fp32 EMA) + activations of the micro-batch, bf16, no recompute,
@@ -136,7 +147,8 @@ def moe_layer_bytes(
     out = {
         "tokens": 4 * tokens * capacity * dim * elem_bytes * (ep - 1) / ep,
         "scores": score_gathers * tokens * num_experts * 4 * (pool_span - 1),
-        "counts": (num_experts // ep) * 8 * (ep - 1),
+        # pools on one rank: every split is k x experts per rank, known before the step
+        "counts": (num_experts // ep) * 8 * (ep - 1) if pool_span > 1 else 0,
     }
     out["total"] = sum(out.values())
     return out
@@ -175,10 +187,15 @@ def _split_time(nbytes: float, group: int, gpus_per_node: int, links: Links) -> 
     return intra / (links.nvlink_gbps * 1e9) + (nbytes - intra) / (links.ib_gbps * 1e9)
 
 
-def _allreduce_time(nbytes: float, n: int, spans_nodes: bool, links: Links) -> float:
+def _allreduce_time(
+    nbytes: float, n: int, spans_nodes: bool, links: Links, per_node: int = 1
+) -> float:
+    """Ring all-reduce of ``nbytes`` over ``n`` ranks, ``per_node`` of them in each node. Across
+    nodes NCCL runs one ring per NIC (multi-rail), each crossing InfiniBand once per node, so the bus
+    bandwidth is the node's NICs of the group's GPUs (per_node x ib), capped by NVLink."""
     if n <= 1:
         return 0.0
-    bw = links.ib_gbps if spans_nodes else links.nvlink_gbps
+    bw = min(links.nvlink_gbps, per_node * links.ib_gbps) if spans_nodes else links.nvlink_gbps
     return 2 * (n - 1) / n * nbytes / (bw * 1e9) + links.latency_us * 1e-6
 
 
@@ -192,8 +209,16 @@ def plan(
     links: Links | None = None,
     rates: Rates | None = None,
     elem_bytes: int = 2,
+    overlap: bool = True,
+    grad_reduce_dtype: str = "fp32",
+    accum: int = 1,
+    bucket_mb: float = 25.0,
 ) -> Plan:
     """Predict one training step of ``model`` on this layout (ValueError naming the numbers)."""
+    if grad_reduce_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"grad_reduce_dtype={grad_reduce_dtype!r}; expected fp32 or bf16")
+    if accum < 1:
+        raise ValueError(f"accum={accum}; must be >= 1")
     if model not in MODELS:
         raise ValueError(f"model {model!r}; known: {', '.join(MODELS)}")
     links, rates = links or Links(), rates or Rates()
@@ -203,9 +228,11 @@ def plan(
     W = nodes * gpus_per_node
     if ep < 1 or E % ep or W % ep:
         raise ValueError(f"ep={ep} must divide num_experts={E} and world size {W}")
-    if global_batch % W:
-        raise ValueError(f"global_batch={global_batch} is not divisible by world size {W}")
-    b = global_batch // W
+    if global_batch % (W * accum):
+        raise ValueError(
+            f"global_batch={global_batch} is not divisible by world size {W} x accum {accum}"
+        )
+    b = global_batch // (W * accum)  # samples per rank per forward
     if pool_samples % b == 0:
         span = pool_samples // b
         if ep % span:
@@ -223,20 +250,28 @@ def plan(
     common = 3 * (8 * D * D + 4 * T * D + 12 * D * D / T)
     dense_flops = N * (depth * common + (depth - n_moe) * flops_per_token("dense", D, E))
     moe_flops = N * n_moe * flops_per_token("diffmoe", D, E)
-    compute_s = dense_flops / rates.dense_flops + moe_flops / rates.moe_flops
+    micro_s = dense_flops / rates.dense_flops + moe_flops / rates.moe_flops
+    compute_s = accum * micro_s
     # all-to-all (per MoE layer) and score gathers
     by = moe_layer_bytes(N, D, E, ep, span, elem_bytes=elem_bytes)
     n_coll = (5 if ep > 1 else 0) + (2 if span > 1 else 0)  # 4 token a2a + counts, 2 gathers
     per_layer = _split_time(by["tokens"] + by["counts"], ep, gpus_per_node, links)
     per_layer += _split_time(by["scores"], span, gpus_per_node, links)
     per_layer += n_coll * links.latency_us * 1e-6
-    a2a_s = n_moe * per_layer
-    # gradient sync (fp32 grads): dense over the world, experts over the edp group
+    a2a_s = accum * n_moe * per_layer
+    # gradient sync, once per step: dense over the world, experts over the edp group
     pc = param_counts(depth, D, E)
     edp = W // ep
-    grad_s = _allreduce_time(4 * pc["dense"], W, nodes > 1, links)
-    edp_spans_nodes = nodes > 1 and edp > max(1, gpus_per_node // ep)
-    grad_s += _allreduce_time(4 * pc["expert"] / ep, edp, edp_spans_nodes, links)
+    gb = 2 if grad_reduce_dtype == "bf16" else 4
+    sync_s = _allreduce_time(gb * pc["dense"], W, nodes > 1, links, gpus_per_node)
+    edp_per_node = max(1, gpus_per_node // ep)  # ranks of one edp group inside a node
+    edp_spans_nodes = nodes > 1 and edp > edp_per_node
+    sync_s += _allreduce_time(gb * pc["expert"] / ep, edp, edp_spans_nodes, links, edp_per_node)
+    grad_s = sync_s  # exposed part of it
+    if overlap and sync_s > 0:
+        grad_bytes = gb * (pc["dense"] + pc["expert"] / ep)
+        last_bucket = min(1.0, bucket_mb * 2**20 / grad_bytes)
+        grad_s = max(sync_s - micro_s * 2 / 3, sync_s * last_bucket)
     # memory
     params_gpu = pc["dense"] + pc["expert"] / ep
     act = N * depth * D * (34 + 5 * heads * T / D)

@@ -45,6 +45,7 @@ import queue
 import socket
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -139,14 +140,18 @@ class SyncCounter(TorchDispatchMode):
         orig_tolist, orig_cpu = torch.Tensor.tolist, torch.Tensor.cpu
         self._orig = (orig_tolist, orig_cpu)
 
+        me = threading.get_ident()  # count this thread only (not the batch-prefetch thread)
+
         def tolist(t: torch.Tensor):  # noqa: ANN202 - Tensor.tolist's own return type
+            if threading.get_ident() != me:
+                return orig_tolist(t)
             if not counter._paused and t.device.type == counter.device_type:
                 counter._count("tolist")
             return orig_tolist(t)
 
         def cpu(t: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
             # On a CPU benchmark .cpu() dispatches nothing; in a GPU run it is a device -> host copy.
-            if not counter._paused and counter.device_type == "cpu":
+            if not counter._paused and counter.device_type == "cpu" and threading.get_ident() == me:
                 counter._count("cpu")
             return orig_cpu(t, *a, **k)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
 from diffmoe_dist.models.blocks import DiTBlock, FinalLayer
@@ -55,6 +56,8 @@ class DiffMoE(nn.Module):
                     threshold_decay=moe.threshold_decay,
                     layer_id=i,
                 )
+                if moe.mode != "dense":
+                    ffn.experts.use_grouped_mm = moe.grouped_mm
             else:
                 ffn = FeedForward(D, hidden)
             blocks.append(DiTBlock(D, model.num_heads, ffn, norm_impl=model.norm_impl))
@@ -62,6 +65,7 @@ class DiffMoE(nn.Module):
         self.final_layer = FinalLayer(
             D, model.patch_size, self.out_channels, norm_impl=model.norm_impl
         )
+        self.checkpoint_blocks = False  # train.activation_checkpointing=blocks (set by the trainer)
         self.initialize_weights()
         if any(True for _ in self.moe_layers()):
             self.set_inference(moe.infer_mode, moe.infer_capacity, moe.gamma)
@@ -112,7 +116,12 @@ class DiffMoE(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # [B, T, D]
         c = self.t_embedder(t) + self.y_embedder(y)  # [B, D]
         for block in self.blocks:
-            x = block(x, c)  # [B, T, D]
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # activation checkpointing: keep only the block's input, recompute it in backward
+                # (an MoE block re-runs its routing and all-to-alls, identically, in backward)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)  # [B, T, D]
         x = self.final_layer(x, c)  # [B, T, p*p*C]
         return self.unpatchify(x)  # [B, C_out, H, W]
 

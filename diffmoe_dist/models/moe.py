@@ -81,6 +81,55 @@ def expert_slice(ep: int, ep_rank: int) -> Iterator[None]:
         _BUILD_SLICE.pop()
 
 
+def grouped_mm_available(x: torch.Tensor, hidden: int | None = None) -> bool:
+    """torch._grouped_mm runs here: CPU in fp32 / bf16; CUDA in bf16 on sm90+ (H100 / H200); rows of
+    x [M, D] (and of the hidden [M, H]) a multiple of 16 bytes, as the kernel requires."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    for n in (x.shape[-1], hidden or x.shape[-1]):
+        if (n * x.element_size()) % 16:
+            return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+    """FLOPs of torch._grouped_mm for FlopCounterMode (it has no formula of its own): every row of
+    the ragged operand meets one group's matrix once: 2 x rows x inner x cols, exact FLOPs."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # [M, K] x [G, K, N] (offs over M)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # [K, M] x [M, N] (offs over M) -> [G, K, N]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:  # [G, M, K] x [K, N] (offs over N)
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[-1]  # [G, M, K] x [G, K, N]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    from torch.utils.flop_counter import register_flop_formula
+
+    try:
+        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+    except RuntimeError:  # already registered (a torch that counts it itself)
+        pass
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: _grouped_mm's backward refuses the
+    stride-0 gradients that e.g. ``out.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous()
+
+
 class StackedExperts(nn.Module):
     """E full-width DiT FFNs stored as stacked weights, computed with batched matmuls.
 
@@ -102,6 +151,7 @@ class StackedExperts(nn.Module):
             num_experts //= ep
             expert_offset += ep_rank * num_experts
         self.num_experts, self.expert_offset = num_experts, expert_offset
+        self.use_grouped_mm = True  # uneven counts via torch._grouped_mm where available
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -139,6 +189,8 @@ class StackedExperts(nn.Module):
             # Static shapes (training: every expert takes exactly k tokens): one bmm per matrix.
             h = x.view(E, c[0], self.dim)
             return self._ffn(h).reshape(-1, self.dim)
+        if self.use_grouped_mm and grouped_mm_available(x, self.hidden):
+            return self._grouped_ffn(x, c)
         # Uneven counts (token choice, dynamic inference, expert parallelism's received rows): one
         # addmm pair per non-empty expert on split() / unbind() views, whose backwards are one cat /
         # one stack. Exact FLOPs: a padded [E, max_count, D] bmm costs E * max_count rows, 12% over at
@@ -152,6 +204,20 @@ class StackedExperts(nn.Module):
                 h = F.gelu(torch.addmm(b1[e], xs[e], w1[e]), approximate="tanh")
                 outs.append(torch.addmm(b2[e], h, w2[e]))
         return torch.cat(outs)
+
+    def _grouped_ffn(self, x: torch.Tensor, c: list[int]) -> torch.Tensor:
+        """Uneven counts in two torch._grouped_mm calls (one kernel each, exact FLOPs); the bias of
+        each row is its expert's, gathered by the row's expert index. x [M, D] -> [M, D]."""
+        dev, dt, M = x.device, x.dtype, x.shape[0]
+        counts = torch.tensor(c, dtype=torch.long)  # host list -> tensor: no device read
+        offs = counts.cumsum(0).to(device=dev, dtype=torch.int32)  # end row of each expert
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(len(c), device=dev), counts.to(dev), output_size=M
+        )
+        h = torch._grouped_mm(x.contiguous(), self.w1.to(dt), offs=offs)  # [M, H]
+        h = F.gelu(h + self.b1.to(dt).index_select(0, expert_of_row), approximate="tanh")
+        y = _ContiguousGrad.apply(torch._grouped_mm(h, self.w2.to(dt), offs=offs))  # [M, D]
+        return y + self.b2.to(dt).index_select(0, expert_of_row)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(self.b1.unsqueeze(1).to(h.dtype), h, self.w1.to(h.dtype))  # [E, c, H]

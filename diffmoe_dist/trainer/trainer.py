@@ -124,6 +124,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.objective = get_objective(cfg.objective)
         self.model = build_model(cfg, self.ps, model_out_channels(cfg)).to(self.device).train()
+        self.model.checkpoint_blocks = cfg.train.activation_checkpointing == "blocks"
+        self._pool, self._prefetched = None, {}  # data.prefetch: the next batch's future
         self.ema = build_copy(self.model, cfg, self.ps, self.device)
         # 4. the engine: optimizer, gradient reduction and the module the forward goes through
         #    (native: AdamW + GradReducer; DeepSpeed: its engine; the override point setup_engine)
@@ -340,7 +342,27 @@ class Trainer:
                 f"class labels must be in [0, {cfg.model.num_classes}] (model.num_classes = null "
                 f"class), got min {int(y.min())}, max {int(y.max())} from the dataset"
             )
+        if self.device.type == "cuda":  # pinned host memory: the copy does not block the host
+            return tuple(
+                v.pin_memory().to(self.device, non_blocking=True) for v in (x1.float(), x0, t, y)
+            )
         return tuple(v.to(self.device) for v in (x1.float(), x0, t, y))
+
+    def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """local_batch(step, micro), taken from the background thread when it was prefetched; then
+        the following micro-batch (or step) is submitted, so reading the shards and drawing the
+        per-sample noise (a pure function of (seed, step, global index)) overlap this step."""
+        fut = self._prefetched.pop((step, micro), None) if self._prefetched else None
+        batch = fut.result() if fut is not None else self.local_batch(step, micro)
+        if self.cfg.data.prefetch:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+            A = self.cfg.train.grad_accum_steps
+            nxt = (step, micro + 1) if micro + 1 < A else (step + 1, 0)
+            self._prefetched = {nxt: self._pool.submit(self.local_batch, *nxt)}
+        return batch
 
     def forward_loss(
         self, x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor
@@ -376,7 +398,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         kth: list[list] = []  # per MoE layer: [kth_sum, kth_count] summed over micro-batches
         for micro in range(A):
-            x1, x0, t, y = self.local_batch(step, micro)
+            x1, x0, t, y = self._next_batch(step, micro)
             # all but the last micro-batch accumulate locally; one reduction per step
             with self.accumulation_context(last=micro == A - 1):
                 losses = self.forward_loss(x1, x0, t, y)

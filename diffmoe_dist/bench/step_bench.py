@@ -13,7 +13,8 @@ What each number is:
   tflops_per_rank, mfu_vs_measured_peak
                          model FLOPs (diffmoe_dist/flops.py: train_flops_per_sample) per rank per
                          second, over the matmul peak measured in the same run on the same device
-                         and dtype (best of a few n x n matmuls, each rank at the same time).
+                         and dtype (best n x n matmul before the timed steps and in every repeat,
+                         each rank at the same time).
   exposed_comm_frac      time this rank waited on communication that nothing overlapped, over the
                          step: the dispatcher's all-to-alls and score gathers (forward and backward,
                          all synchronous), the flat gradient reduction, the tail of the overlapped
@@ -342,6 +343,9 @@ def run_rank(rank: int, spec: StepSpec) -> dict[str, Any]:
     ms: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
     exposed: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
     for _ in range(spec.repeats):
+        # the peak again each repeat, keeping the best: one measurement under a passing load spike
+        # would understate it (and overstate MFU)
+        peak = max(peak, measured_peak_flops(spec.device, spec.dtype))
         for key, (tr, _) in cases.items():
             c0 = _comm_snapshot(tr)
             _sync(spec.device)

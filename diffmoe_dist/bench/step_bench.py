@@ -463,8 +463,10 @@ def summarize(spec: StepSpec, per_rank: list[dict[str, Any]]) -> list[dict[str, 
             ms = c["ms"]
             med = statistics.median(ms)
             samples = spec.images_per_rank * spec.ranks
-            fracs = [
-                statistics.median(e / t for e, t in zip(pr["cases"][key]["exposed_ms"], ms))
+            fracs = [  # each rank's exposed time over its own step time
+                statistics.median(
+                    e / t for e, t in zip(pr["cases"][key]["exposed_ms"], pr["cases"][key]["ms"])
+                )
                 for pr in per_rank
             ]
             syncs = max(per_rank, key=lambda pr: sum(pr["cases"][key]["syncs"].values()))

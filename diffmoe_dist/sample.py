@@ -69,29 +69,41 @@ class CapacityMeter:
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         world_size: int = 1,
         rank: int = 0,
         device: torch.device | None = None,
     ) -> None:
-        self.telemetry = ExpertTelemetry(num_classes, world_size, rank)
+        # num_classes None: taken from the model at the first forward (model.num_classes)
+        self._shape = (world_size, rank)
+        self.telemetry: ExpertTelemetry | None = (
+            ExpertTelemetry(num_classes, world_size, rank) if num_classes is not None else None
+        )
         self.valid: torch.Tensor | None = None
         self.device = device
         self._totals: tuple[list[int], list[int]] | None = None
 
+    def _sizes(self, col: int) -> list[int]:
+        if self.telemetry is None:
+            return []
+        return [int(v) for v in self.telemetry.sizes[:, col].tolist()]
+
     @property
     def pairs(self) -> list[int]:
-        return [int(v) for v in self.telemetry.sizes[:, 0].tolist()]
+        return self._sizes(0)
 
     @property
     def tokens(self) -> list[int]:
-        return [int(v) for v in self.telemetry.sizes[:, 1].tolist()]
+        return self._sizes(1)
 
     def add(self, model: DiffMoE, t: torch.Tensor, y: torch.Tensor) -> None:
+        if self.telemetry is None:
+            self.telemetry = ExpertTelemetry(model.num_classes, *self._shape)
         self.telemetry.add(model.moe_stats(), t, y, self.valid)
 
     def reduce(self, group: dist.ProcessGroup | None) -> None:
-        self.telemetry.reduce(group, self.device)  # one packed all-reduce, every rank
+        if self.telemetry is not None:
+            self.telemetry.reduce(group, self.device)  # one packed all-reduce, every rank
 
     def use_totals(self, pairs: list[int], tokens: list[int]) -> None:
         self._totals = (pairs, tokens)
@@ -100,7 +112,8 @@ class CapacityMeter:
         pairs, tokens = self._totals or (self.pairs, self.tokens)
         per = [p / max(n, 1) for p, n in zip(pairs, tokens)]
         out = {"c_infer_per_layer": per, "c_infer": (sum(per) / len(per)) if per else 1.0}
-        out["telemetry"] = self.telemetry.summary()
+        if self.telemetry is not None:
+            out["telemetry"] = self.telemetry.summary()
         return out
 
 

@@ -119,6 +119,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     fused_adamw: bool = True  # torch AdamW fused (CPU / CUDA) where available, else foreach
     activation_checkpointing: str = "none"  # none | blocks (recompute each DiT block in backward)
+    # torch.compile per DiT block (parallel/parallelize.py apply_compile): dense blocks whole, the
+    # attention half of MoE blocks; routing and the dispatcher's collectives stay eager.
+    compile: bool = False
 
 
 @dataclass

@@ -71,16 +71,24 @@ class DiTBlock(nn.Module):
         return isinstance(self.ffn, MoELayer)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x, h, gate_f = self.attn_half(x, c)  # [B, T, D], [B, T, D], [B, D]
+        return x + gate_f.unsqueeze(1) * self.ffn(h)  # [B, T, D]
+
+    def attn_half(
+        self, x: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before the FFN: (x after the attention residual, the FFN's input, its gate).
+
+        A separate method so that train.compile can compile it on an MoE block while routing and
+        the dispatcher's collectives stay eager (parallel/parallelize.py apply_compile).
+        """
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
         x = x + gate_a.unsqueeze(1) * self.attn(
             modulate(self.norm1(x), shift_a, scale_a)
         )  # [B, T, D]
-        x = x + gate_f.unsqueeze(1) * self.ffn(
-            modulate(self.norm2(x), shift_f, scale_f)
-        )  # [B, T, D]
-        return x
+        return x, modulate(self.norm2(x), shift_f, scale_f), gate_f
 
 
 class FinalLayer(nn.Module):

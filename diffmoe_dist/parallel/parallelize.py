@@ -19,6 +19,7 @@ Every collective names its group; with world_size == 1 there are no groups and n
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -273,6 +274,52 @@ def parallelize_model(model: DiffMoE, ps: ParallelState) -> DiffMoE:
     for layer in model.moe_layers():
         parallelize_moe_layer(layer, ps)
     return model
+
+
+def check_compile_supported(device: torch.device) -> None:
+    """ValueError naming train.compile when torch.compile cannot build kernels for ``device``.
+
+    Inductor needs a C++ compiler for CPU kernels and Triton for CUDA kernels; without them the
+    first step would fail deep inside the compiler, after the run has started.
+    """
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError(
+                "train.compile=true needs Triton for CUDA kernels and it is not importable; "
+                "install triton (it ships with the CUDA torch wheels) or set train.compile=false"
+            )
+        return
+    import shutil
+
+    cxx = (
+        os.environ.get("CXX")
+        or shutil.which("g++")
+        or shutil.which("c++")
+        or shutil.which("clang++")
+    )
+    if not cxx:
+        raise ValueError(
+            "train.compile=true on the CPU needs a C++ compiler (g++ / clang++, or $CXX) for "
+            "inductor's kernels and none was found; install one or set train.compile=false"
+        )
+
+
+def apply_compile(model: DiffMoE) -> None:
+    """torch.compile per DiT block, in place (torchtitan's per-block compile).
+
+    A dense block compiles whole; an MoE block compiles its attention half (adaLN modulation,
+    attention, both residual norms) and keeps the MoE layer eager: routing has data-dependent
+    shapes and the dispatcher runs collectives, so the graph breaks exactly there and nowhere
+    else. Parameters and state-dict keys are unchanged (checkpoints do not see compile).
+    """
+    for block in model.blocks:
+        if block.is_moe:
+            block.attn_half = torch.compile(block.attn_half)
+        else:
+            block.compile()
+    model.final_layer.compile()
 
 
 def is_expert_param(name: str, param: torch.Tensor) -> bool:

@@ -69,9 +69,11 @@ from diffmoe_dist.parallel.layout import Layout, layout_from_config
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
     ParallelState,
+    apply_compile,
     build_copy,
     build_model,
     build_parallel_state,
+    check_compile_supported,
     is_expert_param,
     reduce_thresholds,
 )
@@ -127,6 +129,9 @@ class Trainer:
         self.model.checkpoint_blocks = cfg.train.activation_checkpointing == "blocks"
         self._pool, self._prefetched = None, {}  # data.prefetch: the next batch's future
         self.ema = build_copy(self.model, cfg, self.ps, self.device)
+        if cfg.train.compile:  # after the EMA copy: only the trained model runs compiled
+            check_compile_supported(self.device)  # a clear error now, not inside the first step
+            apply_compile(self.model)
         # 4. the engine: optimizer, gradient reduction and the module the forward goes through
         #    (native: AdamW + GradReducer; DeepSpeed: its engine; the override point setup_engine)
         self.forward_module: torch.nn.Module = self.model

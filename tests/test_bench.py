@@ -340,3 +340,60 @@ def test_plan_models_overlap_bf16_and_accumulation() -> None:
         plan("DiffMoE-XL-E16", 8, 8, 8, accum=3, **kw)
     with pytest.raises(ValueError, match="grad_reduce_dtype"):
         plan("DiffMoE-XL-E16", 8, 8, 8, grad_reduce_dtype="fp8", **kw)
+
+
+def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
+    """plan_cluster --check-bench: cases made by plan() itself with known Links and Rates come back
+    with zero error (both calibrations); other links do not; a JSON without cases names the file."""
+    import plan_cluster
+
+    from diffmoe_dist.bench.planner import Rates
+
+    links, r1, img = Links(2.0, 2.0, 500.0), 40e9, 8  # 40 GFLOP/s on the whole 1-process machine
+
+    def case(ranks: int, variant: str = "default", overrides: tuple = (), **kw) -> dict:
+        ov = dict(o.split("=") for o in overrides)
+        p = plan(
+            "DiffMoE-S-E16", 1, ranks, ranks, img * ranks, img, links, Rates(r1 / ranks, r1 / ranks),
+            elem_bytes=4, overlap=ov.get("train.grad_reduce") != "flat",
+            grad_reduce_dtype=ov.get("train.grad_reduce_dtype", "fp32"),
+        )  # fmt: skip
+        exposed = p.a2a_ms + p.grad_sync_ms
+        return {
+            "model": "DiffMoE-S-E16", "variant": variant, "overrides": list(overrides),
+            "ranks": ranks, "ep": ranks, "images_per_rank": img, "ms_median": p.step_ms,
+            "exposed_comm_ms": exposed, "exposed_comm_frac": exposed / p.step_ms,
+            "tflops_per_rank": 0.001, "mfu_vs_measured_peak": 0.001e12 / (r1 / ranks), **kw,
+        }  # fmt: skip
+
+    dense = {**case(2), "model": "Dense-DiT-S", "ep": 1}
+    cases = [case(1), case(2), case(2, "flat", ("train.grad_reduce=flat",)), case(4), dense]
+    cases.append(case(4, "bf16", ("train.grad_reduce_dtype=bf16",)))
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
+    argv = ["--check-bench", str(path), "--link-gbps", "2", "--link-latency-us", "500", "--json"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = plan_cluster.main(argv)
+    assert [c["calibration"] for c in out["checks"]] == ["peak", "one-rank"]
+    for chk in out["checks"]:
+        assert [(r["ranks"], r["variant"]) for r in chk["rows"]] == [
+            (2, "default"), (2, "flat"), (4, "default"), (4, "bf16")
+        ]  # fmt: skip
+        for r in chk["rows"]:
+            assert abs(r["step_rel_err"]) < 1e-9 and abs(r["exposed_rel_err"]) < 1e-9, r
+        assert len(chk["skipped"]) == 1 and "Dense-DiT-S" in chk["skipped"][0]
+    flat = out["checks"][0]["rows"][1]
+    assert flat["pred_grad_sync_ms"] > out["checks"][0]["rows"][0]["pred_grad_sync_ms"]
+    # faster links than the ones the numbers were made with: the exposed time is under-predicted
+    argv[3] = "8"
+    with contextlib.redirect_stdout(io.StringIO()):
+        fast = plan_cluster.main(argv[:-1] + ["--calibration", "peak"])
+    assert all(r["exposed_rel_err"] < -0.3 for r in fast["checks"][0]["rows"])
+    # bad input: clear errors naming the file
+    bad = tmp_path / "nocases.json"
+    bad.write_text(json.dumps({"device": "cpu"}))
+    with pytest.raises(SystemExit, match=f"{bad}.*no 'cases'"):
+        plan_cluster.main(["--check-bench", str(bad), "--link-gbps", "2"])
+    path.write_text(json.dumps({"device": "x", "cases": [c for c in cases if c["ranks"] > 1]}))
+    with pytest.raises(SystemExit, match=f"{path}.*ranks=1 case of DiffMoE-S-E16"):
+        plan_cluster.main(argv[:-1] + ["--calibration", "one-rank"])

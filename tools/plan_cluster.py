@@ -6,10 +6,14 @@
     python tools/plan_cluster.py --models DiffMoE-L-E8 --ep 2,4,8 --global-batch 1024
     python tools/plan_cluster.py --grad-reduce flat       # the reduction after backward (no overlap)
     python tools/plan_cluster.py --grad-reduce-dtype bf16 --accum 2
+    python tools/plan_cluster.py --check-bench step.json   # predicted vs measured bench_step cases
 
 The model (FLOP counts, byte counts, link and memory assumptions) is in diffmoe_dist/bench/planner.py.
 Without --bench the compute rate is 40% of an H100's bf16 peak; with --bench it is what
 tools/bench_moe.py --json measured (calibrate on the target GPU, not on a CPU, for real predictions).
+--check-bench takes a tools/bench_step.py --json result, measures this machine's gloo links on 2 and
+4 ranks (or takes --link-gbps / --link-latency-us), and prints the same plan() formula's prediction
+of each multi-rank DiffMoE case against the measurement (diffmoe_dist/bench/plan_check.py).
 """
 
 from __future__ import annotations
@@ -54,7 +58,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accum", type=int, default=1, help="train.grad_accum_steps")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="train.grad_bucket_mb")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--check-bench", metavar="JSON", help="bench_step.py --json result to predict")
+    ap.add_argument(
+        "--calibration",
+        default="both",
+        choices=("peak", "one-rank", "both"),
+        help="--check-bench compute rate: matmul peak, or the 1-rank step of the same case",
+    )
+    ap.add_argument("--link-gbps", type=float, help="--check-bench: skip measuring gloo links")
+    ap.add_argument("--link-latency-us", type=float, default=0.0)
+    ap.add_argument("--link-mb", type=float, default=32.0, help="buffer of the link measurement")
+    ap.add_argument(
+        "--elem-bytes", type=int, default=4, help="--check-bench: activation bytes (4: fp32 run)"
+    )
     args = ap.parse_args(argv)
+    if args.check_bench:
+        return check(args)
     try:
         links = Links(args.nvlink_gbps, args.ib_gbps, args.latency_us)
         rates = Rates()
@@ -107,6 +126,75 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print_table(out)
     return out
+
+
+def check(args: argparse.Namespace) -> dict:
+    """--check-bench: predicted vs measured step and exposed communication (plan_check.py)."""
+    from diffmoe_dist.bench.plan_check import check_bench, measure_links
+
+    path = args.check_bench
+    try:
+        with open(path) as f:
+            bench = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"plan_cluster: --check-bench {path}: {e}") from None
+    cases = bench.get("cases") if isinstance(bench, dict) else None
+    if not cases or not isinstance(cases, list):
+        raise SystemExit(
+            f"plan_cluster: --check-bench {path}: no 'cases' (expected tools/bench_step.py --json)"
+        )
+    worlds = sorted({int(c["ranks"]) for c in cases if int(c.get("ranks", 1)) > 1})
+    out: dict = {"bench": path, "device": bench.get("device"), "links": {}, "checks": []}
+    links = {}
+    try:
+        for w in worlds:
+            if args.link_gbps is not None:
+                links[w] = Links(args.link_gbps, args.link_gbps, args.link_latency_us)
+                out["links"][w] = {"given": dataclasses.asdict(links[w])}
+            else:
+                links[w], raw = measure_links(w, int(args.link_mb * 2**20))
+                out["links"][w] = {"measured": raw, **dataclasses.asdict(links[w])}
+        cals = ("peak", "one-rank") if args.calibration == "both" else (args.calibration,)
+        for cal in cals:
+            out["checks"].append(
+                check_bench(bench, links, cal, elem_bytes=args.elem_bytes, source=path)
+            )
+    except ValueError as e:
+        raise SystemExit(f"plan_cluster: {e}") from None
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print_check(out)
+    return out
+
+
+def print_check(out: dict) -> None:
+    print(f"bench: {out['bench']} ({out['device']})")
+    for w, ln in out["links"].items():
+        m = ln.get("measured")
+        extra = f", all-to-all {m['a2a_gbps']:.2f} GB/s" if m else ""
+        lk = ln.get("given") or ln
+        print(
+            f"links on {w} ranks: all-reduce bus {lk['nvlink_gbps']:.2f} GB/s, "
+            f"latency {lk['latency_us']:.0f} us{extra}"
+        )
+    for chk in out["checks"]:
+        print(f"calibration: {chk['calibration']}")
+        print(
+            f"{'model':15} {'variant':9} {'ranks':>5} {'compute':>8} {'a2a':>7} {'gsync':>7} "
+            f"{'pred ms':>8} {'meas ms':>8} {'err':>6} {'pred exp':>8} {'meas exp':>8} {'err':>6}"
+        )
+        for r in chk["rows"]:
+            e2 = r["exposed_rel_err"]
+            print(
+                f"{r['model']:15} {r['variant']:9} {r['ranks']:>5} {r['pred_compute_ms']:>8.0f} "
+                f"{r['pred_a2a_ms']:>7.0f} {r['pred_grad_sync_ms']:>7.0f} {r['pred_step_ms']:>8.0f} "
+                f"{r['meas_step_ms']:>8.0f} {100 * r['step_rel_err']:>+5.0f}% "
+                f"{r['pred_exposed_ms']:>8.0f} {r['meas_exposed_ms']:>8.0f} "
+                + (f"{100 * e2:>+5.0f}%" if e2 is not None else "     -")
+            )
+        for s in chk["skipped"]:
+            print(f"skipped: {s}")
 
 
 def print_table(out: dict) -> None:

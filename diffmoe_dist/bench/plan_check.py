@@ -1,0 +1,248 @@
+"""The planner against a measured step: ``plan()`` calibrated on this machine, predicting bench_step.
+
+For each DiffMoE case of a ``tools/bench_step.py --json`` result (W gloo ranks, ep = W, one pool per
+rank) the SAME ``planner.plan`` formula is evaluated with the W local ranks taken as one node of W
+"GPUs" (so every byte goes over the in-node link, ``Links.nvlink_gbps``) and with:
+
+Links  measured here with real gloo collectives on W ranks (``measure_links``): the all-reduce's bus
+       bandwidth 2 (W-1)/W x bytes / (time - latency) of a ``nbytes`` buffer, the latency of a
+       one-element all-reduce. The planner has one in-node bandwidth for the all-to-all and the
+       all-reduce; it takes the all-reduce's (the gradient sync is the larger volume here: with ep = W
+       the tokens of 6 MoE layers are ~40 MB a step against ~120 MB of dense gradients for S). The
+       all-to-all's own bandwidth is measured too and printed next to it.
+Rates  one FLOP/s for dense parts and MoE FFNs alike, per rank, either
+       ``peak``      the matmul peak bench_step measured on each rank in the same run
+                     (tflops_per_rank / mfu_vs_measured_peak): the planner as it is used for a GPU,
+                     compute only;
+       ``one-rank``  the 1-process case of the same model and images per rank:
+                     rate = plan's FLOPs / measured step time, divided by W (W ranks share the
+                     machine's cores: bench_step gives each rank cores / W threads). This folds what
+                     the planner does not model (optimizer, EMA, threshold update, batch and noise,
+                     Python overhead, the host syncs of telemetry) into the rate, as a term
+                     proportional to the compute.
+Predicted exposed communication = plan's all-to-all + exposed gradient sync; measured = the case's
+``exposed_comm_ms`` (rank 0's median), which also holds the threshold and grad-norm all-reduces
+(a few latencies). Not modelled at all: CPU contention between gloo's threads and compute (on a
+2-core machine the "overlapped" reduction competes with backward for the same cores), and
+Dense-DiT cases (the planner models DiffMoE only; they are skipped with a reason).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+from diffmoe_dist.bench.planner import MODELS, Links, Rates, plan
+
+CALIBRATIONS = ("peak", "one-rank")
+
+
+def _overrides(case: dict) -> dict[str, str]:
+    out = {}
+    for o in case.get("overrides") or []:
+        k, _, v = str(o).partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _plan_case(case: dict, links: Links, rate: float, elem_bytes: int) -> Any:
+    """plan() for one bench_step case: one node of ``ranks`` GPUs, pool = images per rank."""
+    ov = _overrides(case)
+    W, img = int(case["ranks"]), int(case["images_per_rank"])
+    accum = int(ov.get("train.grad_accum_steps", 1))
+    return plan(
+        case["model"],
+        nodes=1,
+        gpus_per_node=W,
+        ep=int(case["ep"]),
+        global_batch=img * W,
+        pool_samples=img // accum if accum > 1 else img,
+        links=links,
+        rates=Rates(rate, rate, "calibrated"),
+        elem_bytes=elem_bytes,
+        overlap=ov.get("train.grad_reduce", "overlap") != "flat",
+        grad_reduce_dtype=ov.get("train.grad_reduce_dtype", "fp32"),
+        accum=accum,
+        bucket_mb=float(ov.get("train.grad_bucket_mb", 25.0)),
+    )
+
+
+def _unsupported(case: dict) -> str | None:
+    if case.get("model") not in MODELS:
+        return f"model {case.get('model')!r} is not one the planner models ({', '.join(MODELS)})"
+    bad = [
+        k for k in _overrides(case) if k.startswith(("model.", "moe.")) and k != "moe.grouped_mm"
+    ]
+    if bad:
+        return f"overrides {bad} change the model away from the planner's {case['model']}"
+    return None
+
+
+def check_bench(
+    bench: dict,
+    links_by_world: dict[int, Links],
+    calibration: str = "peak",
+    elem_bytes: int = 4,
+    source: str = "bench JSON",
+) -> dict[str, Any]:
+    """Predicted vs measured step and exposed communication of every DiffMoE case of ``bench``.
+
+    ``links_by_world``: the Links measured on W ranks, for every W of a multi-rank case.
+    ``elem_bytes``: bytes per activation element of the run (4 for bench_step's CPU fp32 default).
+    Returns {"calibration", "rows": [...], "skipped": [...]}; ValueError naming ``source`` on bad
+    input (no cases, a case without the keys the check reads, no 1-rank case for ``one-rank``).
+    """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration={calibration!r}; expected one of {CALIBRATIONS}")
+    cases = bench.get("cases") if isinstance(bench, dict) else None
+    if not cases or not isinstance(cases, list):
+        raise ValueError(
+            f"{source}: no 'cases' (expected the output of tools/bench_step.py --json)"
+        )
+    need = ("model", "ranks", "ep", "images_per_rank", "ms_median", "exposed_comm_frac")
+    for i, c in enumerate(cases):
+        miss = [k for k in need if not isinstance(c, dict) or k not in c]
+        if miss:
+            raise ValueError(f"{source}: case {i} has no {miss} (not a bench_step.py --json case)")
+    rows, skipped = [], []
+    for c in cases:
+        W = int(c["ranks"])
+        label = f"{c['model']} {c.get('variant', 'default')} ranks={W} img={c['images_per_rank']}"
+        if why := _unsupported(c):
+            skipped.append(f"{label}: {why}")
+            continue
+        if W < 2:
+            continue  # no communication to predict (and it is the one-rank calibration)
+        if W not in links_by_world:
+            skipped.append(f"{label}: no links measured on {W} ranks")
+            continue
+        if calibration == "peak":
+            if not c.get("mfu_vs_measured_peak") or "tflops_per_rank" not in c:
+                raise ValueError(f"{source}: {label} has no tflops_per_rank / mfu_vs_measured_peak")
+            rate = c["tflops_per_rank"] * 1e12 / c["mfu_vs_measured_peak"]
+            rsrc = f"matmul peak {rate / 1e9:.1f} GFLOP/s per rank"
+        else:
+            ones = [
+                o
+                for o in cases
+                if int(o["ranks"]) == 1
+                and o["model"] == c["model"]
+                and o["images_per_rank"] == c["images_per_rank"]
+                and o.get("variant", "default") == c.get("variant", "default")
+            ] or [
+                o
+                for o in cases
+                if int(o["ranks"]) == 1
+                and o["model"] == c["model"]
+                and o["images_per_rank"] == c["images_per_rank"]
+            ]
+            if not ones:
+                raise ValueError(
+                    f"{source}: calibration one-rank needs a ranks=1 case of {c['model']} at "
+                    f"{c['images_per_rank']} images (run bench_step with --ranks 1,{W})"
+                )
+            one = ones[0]
+            flops_ms = _plan_case(one, Links(), 1e3, elem_bytes).compute_ms  # = FLOPs at 1 FLOP/ms
+            r1 = flops_ms / one["ms_median"] * 1e3
+            rate = r1 / W
+            rsrc = f"1-rank step: {r1 / 1e9:.1f} GFLOP/s effective / {W} ranks"
+        p = _plan_case(c, links_by_world[W], rate, elem_bytes)
+        exp_ms = c.get("exposed_comm_ms", c["exposed_comm_frac"] * c["ms_median"])
+        pred_exp = p.a2a_ms + p.grad_sync_ms
+        rows.append(
+            {
+                "model": c["model"],
+                "variant": c.get("variant", "default"),
+                "overrides": c.get("overrides", []),
+                "ranks": W,
+                "ep": c["ep"],
+                "images_per_rank": c["images_per_rank"],
+                "rate_source": rsrc,
+                "pred_compute_ms": p.compute_ms,
+                "pred_a2a_ms": p.a2a_ms,
+                "pred_grad_sync_ms": p.grad_sync_ms,
+                "pred_step_ms": p.step_ms,
+                "meas_step_ms": c["ms_median"],
+                "step_rel_err": p.step_ms / c["ms_median"] - 1,
+                "pred_exposed_ms": pred_exp,
+                "meas_exposed_ms": exp_ms,
+                "exposed_rel_err": pred_exp / exp_ms - 1 if exp_ms > 0 else None,
+                "pred_exposed_frac": pred_exp / p.step_ms,
+                "meas_exposed_frac": c["exposed_comm_frac"],
+            }
+        )
+    if not rows:
+        raise ValueError(f"{source}: no DiffMoE case on 2 or more ranks to check ({skipped})")
+    return {"calibration": calibration, "rows": rows, "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------------
+def _links_rank(rank: int, world: int, port: int, nbytes: int, reps: int, out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        big = torch.ones(nbytes // 4)
+        tiny = torch.ones(1)
+        recv = torch.empty_like(big)
+
+        def timed(fn: Any) -> float:
+            fn()  # warm-up (connections, buffers)
+            ts = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+        lat = timed(lambda: [dist.all_reduce(tiny) for _ in range(10)]) / 10
+        ar = timed(lambda: dist.all_reduce(big))
+        a2a = timed(lambda: dist.all_to_all_single(recv, big))
+        if rank == 0:
+            out.put({"latency_s": lat, "allreduce_s": ar, "a2a_s": a2a})
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_links(world: int, nbytes: int = 32 * 2**20, reps: int = 3) -> tuple[Links, dict]:
+    """Links of ``world`` local gloo ranks from real collectives (module docstring); and the raw
+    times with the all-to-all's bandwidth."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if world < 2:
+        raise ValueError(f"world={world}: links need >= 2 ranks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [
+        ctx.Process(target=_links_rank, args=(r, world, port, nbytes, reps, q))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        raw = q.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(
+            f"gloo link measurement on {world} ranks failed: exit codes "
+            f"{[p.exitcode for p in procs]}"
+        )
+    lat = raw["latency_s"]
+    frac = (world - 1) / world
+    ar_gbps = 2 * frac * nbytes / max(raw["allreduce_s"] - lat, 1e-9) / 1e9
+    a2a_gbps = frac * nbytes / max(raw["a2a_s"] - lat, 1e-9) / 1e9
+    raw.update(world=world, nbytes=nbytes, allreduce_gbps=ar_gbps, a2a_gbps=a2a_gbps)
+    return Links(nvlink_gbps=ar_gbps, ib_gbps=ar_gbps, latency_us=lat * 1e6), raw

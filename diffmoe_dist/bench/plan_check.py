@@ -8,7 +8,7 @@ Links  measured here with real gloo collectives on W ranks (``measure_links``): 
        bandwidth 2 (W-1)/W x bytes / (time - latency) of a ``nbytes`` buffer, the latency of a
        one-element all-reduce. The planner has one in-node bandwidth for the all-to-all and the
        all-reduce; it takes the all-reduce's (the gradient sync is the larger volume here: with ep = W
-       the tokens of 6 MoE layers are ~40 MB a step against ~120 MB of dense gradients for S). The
+       the tokens of 6 MoE layers are 38-57 MB a step (fp32) against 107 MB of dense gradients for S). The
        all-to-all's own bandwidth is measured too and printed next to it.
 Rates  one FLOP/s for dense parts and MoE FFNs alike, per rank, either
        ``peak``      the matmul peak bench_step measured on each rank in the same run
@@ -71,7 +71,7 @@ def _plan_case(case: dict, links: Links, rate: float, elem_bytes: int) -> Any:
 
 def _unsupported(case: dict) -> str | None:
     if case.get("model") not in MODELS:
-        return f"model {case.get('model')!r} is not one the planner models ({', '.join(MODELS)})"
+        return f"model {case.get('model')!r}: the planner models {', '.join(MODELS)} only"
     bad = [
         k for k in _overrides(case) if k.startswith(("model.", "moe.")) and k != "moe.grouped_mm"
     ]

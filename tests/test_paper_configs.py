@@ -81,6 +81,7 @@ class _Recorder:
 
     def __init__(self, model: DiffMoE) -> None:
         self.model, self.batches = model, []
+        self.num_classes = model.num_classes  # CapacityMeter reads it at the first forward
 
     def __call__(self, x, t, y):
         self.batches.append(int(x.shape[0]))

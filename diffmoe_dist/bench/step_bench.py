@@ -399,7 +399,13 @@ def _rank_main(rank: int, spec: StepSpec, port: int, results: Any) -> None:
 def run_ranks(spec: StepSpec, timeout_s: float = 3600.0) -> list[dict[str, Any]]:
     """run_rank on ``spec.ranks`` spawned processes (in this process when ranks == 1)."""
     if spec.ranks == 1:
-        return [run_rank(0, spec)]
+        # In this process: give back the caller's intra-op thread count afterwards (run_rank sets
+        # its own); a test suite that benchmarks in-process must not change later tests' kernels.
+        threads = torch.get_num_threads()
+        try:
+            return [run_rank(0, spec)]
+        finally:
+            torch.set_num_threads(threads)
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")

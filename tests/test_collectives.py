@@ -24,8 +24,10 @@ RAW_COLLECTIVE = re.compile(
     r"\b(?:dist|torch\.distributed)\.(?:all_reduce|all_gather\w*|reduce\w*|broadcast\w*|barrier|"
     r"gather\w*|scatter\w*|all_to_all\w*|monitored_barrier)\("
 )
-# The expert all-to-all moves model activations, which are on the device by construction.
-ALLOWED = {"parallel/distributed.py", "parallel/comm.py"}
+# The expert all-to-all moves model activations, which are on the device by construction. The
+# planner check's link probe times the raw gloo collectives themselves, on CPU tensors it makes in
+# its own spawned processes (a wrapper's checks would be part of what it measures).
+ALLOWED = {"parallel/distributed.py", "parallel/comm.py", "bench/plan_check.py"}
 
 
 def test_no_module_calls_collectives_directly() -> None:

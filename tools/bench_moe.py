@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from diffmoe_dist.bench.common import parse_ints  # noqa: E402
 from diffmoe_dist.bench.moe_bench import (  # noqa: E402
     MOE_MODES,
     bench_shape,
@@ -29,16 +30,6 @@ from diffmoe_dist.bench.moe_bench import (  # noqa: E402
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--{name} {text!r}: expected comma-separated integers") from None
-    if not vals or min(vals) < 1:
-        raise SystemExit(f"--{name} {text!r}: expected positive integers")
-    return vals
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         return table_from_files(args.table)
     if args.quick:
         args.widths, args.experts, args.tokens, args.repeats = "384", "16", "2048,8192", 3
-    widths, experts = _ints(args.widths, "widths"), _ints(args.experts, "experts")
-    tokens = _ints(args.tokens, "tokens")
+    widths, experts = parse_ints(args.widths, "widths"), parse_ints(args.experts, "experts")
+    tokens = parse_ints(args.tokens, "tokens")
     modes = tuple(m for m in args.modes.split(",") if m)
     if bad := [m for m in modes if m not in MOE_MODES]:
         raise SystemExit(f"--modes: unknown {bad}; expected a subset of {MOE_MODES}")

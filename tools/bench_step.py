@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from diffmoe_dist.bench.common import parse_ints  # noqa: E402
 from diffmoe_dist.bench.step_bench import StepSpec, bench_ranks, validate_result  # noqa: E402
 
 # flag -> config key of the feature (the values are checked by the config's own validation)
@@ -34,16 +35,6 @@ FEATURE_FLAGS = {
     "activation_checkpointing": "train.activation_checkpointing",  # none | blocks
     "prefetch": "data.prefetch",  # true | false
 }
-
-
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--{name} {text!r}: expected comma-separated integers") from None
-    if not vals or min(vals) < 1:
-        raise SystemExit(f"--{name} {text!r}: expected positive integers")
-    return vals
 
 
 def _variants(items: list[str]) -> dict[str, list[str]]:
@@ -121,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--sizes: unknown size {s!r}; expected S, B, L, XL")
         models += [f"Dense-DiT-{s}", f"DiffMoE-{s}-E{args.experts}"]
     cases = []
-    for ranks in _ints(args.ranks, "ranks"):
-        for images in _ints(args.images, "images"):
+    for ranks in parse_ints(args.ranks, "ranks"):
+        for images in parse_ints(args.images, "images"):
             spec = StepSpec(
                 models=models,
                 ranks=ranks,

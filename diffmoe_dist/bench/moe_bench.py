@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffmoe_dist.bench.common import check_cases
 from diffmoe_dist.flops import peak_bf16_flops
 from diffmoe_dist.models.moe import FeedForward, LocalDispatcher, MoELayer
 
@@ -392,13 +393,7 @@ def iqr(values: list[float]) -> float:
 
 def validate_result(result: dict) -> None:
     """Raise ValueError unless ``result`` has the JSON shape of issue 8 (plus the optional keys)."""
-    if set(result) != {"device", "cases"} or not isinstance(result["cases"], list):
-        raise ValueError(f"top-level keys {sorted(result)}; expected ['cases', 'device']")
-    for i, c in enumerate(result["cases"]):
-        missing = [k for k in REQUIRED_KEYS if k not in c]
-        extra = [k for k in c if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
-        if missing or extra:
-            raise ValueError(f"case {i}: missing keys {missing}, unknown keys {extra}")
+    for i, c in enumerate(check_cases(result, REQUIRED_KEYS, OPTIONAL_KEYS)):
         if c["mode"] not in ("dense", *MOE_MODES):
             raise ValueError(f"case {i}: mode {c['mode']!r}")
         for k in ("ms_median", "ms_spread", "peak_mem_mb", "ratio_vs_dense"):

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffmoe_dist.bench.common import check_cases
 from diffmoe_dist.bench.moe_bench import iqr
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 
@@ -510,13 +511,7 @@ def summarize(spec: StepSpec, per_rank: list[dict[str, Any]]) -> list[dict[str, 
 
 def validate_result(result: dict) -> None:
     """Raise ValueError unless ``result`` has the JSON shape of issue 15 (plus the optional keys)."""
-    if set(result) != {"device", "cases"} or not isinstance(result["cases"], list):
-        raise ValueError(f"top-level keys {sorted(result)}; expected ['cases', 'device']")
-    for i, c in enumerate(result["cases"]):
-        missing = [k for k in REQUIRED_KEYS if k not in c]
-        extra = [k for k in c if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
-        if missing or extra:
-            raise ValueError(f"case {i}: missing keys {missing}, unknown keys {extra}")
+    for i, c in enumerate(check_cases(result, REQUIRED_KEYS, OPTIONAL_KEYS)):
         for k in ("ms_median", "ms_spread", "samples_per_s", "peak_mem_mb", "mfu_vs_measured_peak"):
             if not isinstance(c[k], (int, float)) or c[k] < 0:
                 raise ValueError(f"case {i}: {k}={c[k]!r} is not a non-negative number")

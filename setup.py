@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "pillow",
     "torchdiffeq",
-    # AutoencoderKL for ImageNet latents (diffmoe_dist/vae.py); pulls no torch of its own.
+    # AutoencoderKL for ImageNet latents (diffmoe_dist/data/vae.py); pulls no torch of its own.
     "diffusers==0.42.1",
     # FID's Inception (quality/inception.py) comes from torch-fidelity==0.4.0, which is NOT listed
     # here: it requires torchvision, and PyPI's torchvision does not load beside every torch build.

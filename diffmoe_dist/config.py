@@ -101,12 +101,12 @@ class TrainConfig:
     nonfinite_max_skips: int = 10
     # Every checkpoint in run.dir unreadable: start from step 0 anyway only when True (else refuse).
     allow_restart: bool = False
-    tf32: bool = True  # TF32 for fp32 matmuls on CUDA (diffmoe_dist/numerics.py)
+    tf32: bool = True  # TF32 for fp32 matmuls on CUDA (diffmoe_dist/parallel/numerics.py)
     # Deterministic CUDA kernels (torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG) for
     # reproducibility runs; slower. docs/gpu.md states the GPU tolerance.
     deterministic: bool = False
     # Peak FLOP/s per rank, in TFLOP/s, for the `mfu` metric; 0 = the bf16 peak of a known GPU
-    # (H100 / H200 / A100, diffmoe_dist/flops.py) when training in bf16 on it, else no `mfu`.
+    # (H100 / H200 / A100, diffmoe_dist/models/flops.py) when training in bf16 on it, else no `mfu`.
     peak_tflops: float = 0.0
     # The step at scale (issue 15, parallel/parallelize.py GradReducer): gradient reduction
     # "overlap" (DDP buckets + async expert buckets during backward) | "flat" (after backward);
@@ -170,7 +170,7 @@ class SampleConfig:
     batch_size: int = 64  # per rank
     seed: int = 0
     use_ema: bool = True
-    # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast) | tf32 | fp32 (diffmoe_dist/numerics.py)
+    # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast) | tf32 | fp32 (diffmoe_dist/parallel/numerics.py)
     precision: str = "auto"
 
 

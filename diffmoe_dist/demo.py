@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     _torchrun(args.nproc, "diffmoe_dist.sample", ["--run-dir", args.run_dir, "--npz"])
     import numpy as np
 
-    from diffmoe_dist.metrics import read_metrics
     from diffmoe_dist.quality.digits import DigitsJudge
+    from diffmoe_dist.trainer.metrics import read_metrics
 
     samples = np.load(Path(args.run_dir) / "samples" / "samples.npz")
     scores = DigitsJudge.load_or_fit().evaluate(samples["arr_0"], samples["labels"])

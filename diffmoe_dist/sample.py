@@ -46,13 +46,13 @@ from diffmoe_dist.checkpoint import (
 from diffmoe_dist.config import Config, from_dict, merge_dicts, parse_overrides
 from diffmoe_dist.inference import load_model
 from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.numerics import resolve_sample_precision, sampling_autocast, set_tf32
 from diffmoe_dist.parallel.distributed import (
     barrier,
     cleanup,
     gather_rows_to_rank0,
     init_distributed,
 )
+from diffmoe_dist.parallel.numerics import resolve_sample_precision, sampling_autocast, set_tf32
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.transport.cfg import cfg_velocity_fn
 from diffmoe_dist.transport.objective import cfg_pool_for, get_objective
@@ -343,7 +343,7 @@ def sample_from_checkpoint(
         )
     vae = None
     if cfg.data.name == "latents":
-        from diffmoe_dist.vae import decode, load_vae
+        from diffmoe_dist.data.vae import decode, load_vae
 
         vae = load_vae(vae_dir, info.device)  # before the model: a bad path fails fast
     # one model for the sampling layout, EMA or live weights (sample.use_ema), inference rule set

@@ -4,7 +4,7 @@
 #   launchers/mpirun_train.sh                                     # 2 ranks, configs/tiny.yaml
 #   NP=4 CONFIG=configs/digits.yaml launchers/mpirun_train.sh --set parallel.ep=4
 #
-# Each rank learns its rank, world size and local rank from MPI (diffmoe_dist/launch_env.py, with
+# Each rank learns its rank, world size and local rank from MPI (diffmoe_dist/parallel/launch_env.py, with
 # mpi4py); rank 0 picks a free port and broadcasts it with its address, and torch.distributed then
 # initialises from env://. MPI only starts the processes: the collectives are gloo or NCCL.
 # The default mpiexec is the one of the `mpich` wheel (no system MPI needed); on a cluster set

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from diffmoe_dist.metrics import read_metrics  # noqa: F401  (re-exported for tests)
+from diffmoe_dist.trainer.metrics import read_metrics  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -225,9 +225,9 @@ def checkpoint_tensors(ckpt_dir: str | os.PathLike[str]) -> dict[str, torch.Tens
 def dir_fingerprint(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     """{relative file: (size, mtime_ns)}: shows whether a failed start touched a run directory.
 
-    The run's lock file (diffmoe_dist/runlock.py) is left out: any trainer start takes the lock and
+    The run's lock file (diffmoe_dist/trainer/runlock.py) is left out: any trainer start takes the lock and
     writes its host / pid there first; that is the lock working, not run state."""
-    from diffmoe_dist.runlock import LOCK_NAME
+    from diffmoe_dist.trainer.runlock import LOCK_NAME
 
     root = Path(path)
     return {

@@ -28,7 +28,8 @@ from diffmoe_dist.bench.moe_bench import (  # noqa: E402
     flop_floor,
     validate_result,
 )
-from diffmoe_dist.bench.planner import (  # noqa: E402
+from diffmoe_dist.models.moe import MoELayer  # noqa: E402
+from diffmoe_dist.planner.cost_model import (  # noqa: E402
     Links,
     calibrate,
     moe_layer_bytes,
@@ -36,7 +37,6 @@ from diffmoe_dist.bench.planner import (  # noqa: E402
     plan,
     recommend,
 )
-from diffmoe_dist.models.moe import MoELayer  # noqa: E402
 
 D, E, T = 16, 4, 256
 
@@ -347,7 +347,7 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     with zero error (both calibrations); other links do not; a JSON without cases names the file."""
     import plan_cluster
 
-    from diffmoe_dist.bench.planner import Rates
+    from diffmoe_dist.planner.cost_model import Rates
 
     links, r1, img = Links(2.0, 2.0, 500.0), 40e9, 8  # 40 GFLOP/s on the whole 1-process machine
 

@@ -14,10 +14,10 @@ import torch
 from helpers_run import TINY, train_in_process
 
 from diffmoe_dist.config import load_config
-from diffmoe_dist.flops import train_flops_per_sample
-from diffmoe_dist.metrics import read_metrics
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
 from diffmoe_dist.models.dit import DiffMoE
+from diffmoe_dist.models.flops import train_flops_per_sample
+from diffmoe_dist.trainer.metrics import read_metrics
 
 # tiny.yaml: E = 4, pools of 4 samples x 16 tokens = 64 tokens
 SCHEDULE = ("moe.capacity_schedule=linear", "moe.stage1_steps=1", "moe.stage2_steps=4")

@@ -27,7 +27,7 @@ RAW_COLLECTIVE = re.compile(
 # The expert all-to-all moves model activations, which are on the device by construction. The
 # planner check's link probe times the raw gloo collectives themselves, on CPU tensors it makes in
 # its own spawned processes (a wrapper's checks would be part of what it measures).
-ALLOWED = {"parallel/distributed.py", "parallel/comm.py", "bench/plan_check.py"}
+ALLOWED = {"parallel/distributed.py", "parallel/comm.py", "planner/check.py"}
 
 
 def test_no_module_calls_collectives_directly() -> None:

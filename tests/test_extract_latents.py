@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffmoe_dist.data.extract import ExtractOptions, center_crop_arr, extract
 from diffmoe_dist.data.latents import LatentShardDataset
-from diffmoe_dist.latents_extract import ExtractOptions, center_crop_arr, extract
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "extract_latents.py"
@@ -45,7 +45,7 @@ def make_folder(root: Path, per_class: int = 5, classes: int = 2, seed: int = 0)
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffmoe_dist.vae import make_tiny_vae
+    from diffmoe_dist.data.vae import make_tiny_vae
 
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
 
@@ -78,8 +78,8 @@ def test_center_crop_is_adm_style() -> None:
 
 
 def test_extract_end_to_end_and_resume(tmp_path: Path, tiny_vae: Path) -> None:
-    from diffmoe_dist.latents_extract import load_image
-    from diffmoe_dist.vae import encode, load_vae
+    from diffmoe_dist.data.extract import load_image
+    from diffmoe_dist.data.vae import encode, load_vae
 
     images = make_folder(tmp_path / "imgs")
     out = tmp_path / "lat"
@@ -201,7 +201,7 @@ def test_latents_train_sample_resume_eval(tmp_path: Path, tiny_vae: Path) -> Non
 
     res = _module(*sample)
     assert res.returncode == 2 and "pass --vae DIR" in res.stderr
-    from diffmoe_dist.vae import load_vae
+    from diffmoe_dist.data.vae import load_vae
 
     with pytest.raises(ValueError, match="no-vae does not exist"):
         load_vae(tmp_path / "no-vae")

@@ -1,4 +1,4 @@
-"""Model FLOPs (diffmoe_dist/flops.py) against torch's FlopCounterMode, and the trainer's MFU metric.
+"""Model FLOPs (diffmoe_dist/models/flops.py) against torch's FlopCounterMode, and the trainer's MFU metric.
 
 The analytic count is what MFU divides by, so it is checked against the matmuls torch actually
 runs in a forward of a real model, in every routing mode, through the layer's own fast path (tc's
@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers_run import read_metrics, train_in_process  # noqa: E402
 
 from diffmoe_dist.config import ModelConfig, MoEConfig  # noqa: E402
-from diffmoe_dist.flops import (  # noqa: E402
+from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
+from diffmoe_dist.models.flops import (  # noqa: E402
     forward_flops_per_sample,
     moe_pairs_per_token,
     peak_bf16_flops,
     train_flops_per_sample,
 )
-from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
 
 MODEL = ModelConfig(
     input_size=8, in_channels=3, patch_size=2, depth=4, hidden_size=32, num_heads=2, num_classes=10

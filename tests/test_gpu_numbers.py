@@ -18,7 +18,7 @@ from helpers_run import REPO, TINY, _env
 
 from diffmoe_dist.bench.moe_bench import validate_result
 from diffmoe_dist.config import load_config
-from diffmoe_dist.flops import train_flops_per_sample
+from diffmoe_dist.models.flops import train_flops_per_sample
 
 SMALL = {
     "DEVICE": "cpu",

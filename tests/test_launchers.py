@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmoe_dist.launch_env import LaunchEnv, detect_launch_source, resolve_launch_env
+from diffmoe_dist.parallel.launch_env import LaunchEnv, detect_launch_source, resolve_launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARS = (
@@ -132,7 +132,7 @@ MPI_PROGRAM = textwrap.dedent(
     """
     import datetime, json, sys, torch, torch.distributed as dist
     from pathlib import Path
-    from diffmoe_dist.launch_env import resolve_launch_env
+    from diffmoe_dist.parallel.launch_env import resolve_launch_env
     env = resolve_launch_env()
     dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=60))
     t = torch.tensor([float(env.rank + 1)])
@@ -171,7 +171,7 @@ ELASTIC_PROGRAM = textwrap.dedent(
     """
     import datetime, os, sys, torch, torch.distributed as dist
     from pathlib import Path
-    from diffmoe_dist.launch_env import resolve_launch_env
+    from diffmoe_dist.parallel.launch_env import resolve_launch_env
     env = resolve_launch_env()
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))

@@ -86,7 +86,7 @@ def test_sampling_under_bf16_autocast() -> None:
 
 
 def test_sample_precision_resolution() -> None:
-    from diffmoe_dist.numerics import resolve_sample_precision
+    from diffmoe_dist.parallel.numerics import resolve_sample_precision
 
     assert resolve_sample_precision("auto", torch.device("cuda", 0)) == "bf16"
     assert resolve_sample_precision("auto", torch.device("cpu")) == "fp32"

@@ -89,7 +89,7 @@ def test_tiny_study_writes_table_and_plot(
 
 def test_layout_errors_before_training(tmp_path: Path) -> None:
     """A pool that does not divide the global batch is refused while planning (nothing trains)."""
-    from diffmoe_dist.reproduce import StudySpec, run_study
+    from diffmoe_dist.studies.reproduce_routing import StudySpec, run_study
 
     spec = StudySpec(
         modes=("diffmoe",),
@@ -106,7 +106,7 @@ def test_layout_errors_before_training(tmp_path: Path) -> None:
 
 def test_expert_sweep_ep_must_divide_each_count(tmp_path: Path) -> None:
     """--experts 2 with --ep 4 is refused while planning, naming the keys and numbers."""
-    from diffmoe_dist.reproduce import StudySpec, run_study
+    from diffmoe_dist.studies.reproduce_routing import StudySpec, run_study
 
     spec = StudySpec(
         modes=("diffmoe",),
@@ -124,7 +124,7 @@ def test_expert_sweep_ep_must_divide_each_count(tmp_path: Path) -> None:
 
 
 def test_markers_keep_other_sections(tmp_path: Path) -> None:
-    from diffmoe_dist.reproduce import markers, write_doc
+    from diffmoe_dist.studies.reproduce_routing import markers, write_doc
 
     def section(tag: str, body: str) -> str:
         begin, end = markers(tag)

@@ -13,8 +13,8 @@ import pytest
 from helpers_run import REPO, TINY, _env, losses
 
 from diffmoe_dist.config import load_config
-from diffmoe_dist.flops import train_flops_per_sample
-from diffmoe_dist.scaling import Layout, parse_layouts, plan_sweep, slurm_command
+from diffmoe_dist.models.flops import train_flops_per_sample
+from diffmoe_dist.studies.scaling_study import Layout, parse_layouts, plan_sweep, slurm_command
 
 STEPS = 3
 # The 4th layout is valid but fails at start-up on a CPU-only machine (nccl without CUDA).

@@ -1,5 +1,5 @@
 """Extract VAE latents from an ImageNet-style class folder into verified shards (see
-diffmoe_dist/latents_extract.py for the format, the work plan and how a rerun resumes).
+diffmoe_dist/data/extract.py for the format, the work plan and how a rerun resumes).
 
     python tools/extract_latents.py --images /data/imagenet/train --out /data/in256_latents \
         --vae /models/sd-vae-ft-mse
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from diffmoe_dist.latents_extract import ExtractOptions, extract  # noqa: E402
+from diffmoe_dist.data.extract import ExtractOptions, extract  # noqa: E402
 from diffmoe_dist.parallel.distributed import cleanup, init_distributed  # noqa: E402
 
 

@@ -4,14 +4,14 @@
 #      E8 / E16, pools of 16384 (64 images) and 65536 tokens: ms, ratio vs dense, TFLOP/s, MFU;
 #   2. synthetic latents (tools/make_synthetic_latents.py) and a short bf16 training run of
 #      DiffMoE-L-E16 through tools/scaling_study.py (one layout): samples/s, model TFLOP/s and MFU
-#      per GPU (diffmoe_dist/flops.py), peak memory, after WARMUP logged steps.
+#      per GPU (diffmoe_dist/models/flops.py), peak memory, after WARMUP logged steps.
 #
 #   bash tools/gpu_numbers.sh OUT_DIR      (--help: this text)
 #
 # Everything is overridable from the environment (defaults in brackets): DEVICE [cuda], CONFIG
 # [configs/imagenet256/diffmoe_l_e16.yaml], MICRO [64] samples per step, STEPS [40], WARMUP [10],
 # WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16].
-# Memory: the planner's model (diffmoe_dist/bench/planner.py) puts DiffMoE-L-E16 at about 61 GB per
+# Memory: the planner's model (diffmoe_dist/planner/cost_model.py) puts DiffMoE-L-E16 at about 61 GB per
 # GPU at MICRO=64 (fp32 weights + AdamW + EMA, bf16 activations) and 51 GB at MICRO=32.
 # No checkpoint is written (train.ckpt_every past the end, train.save_final=false): the run only
 # measures. tests/test_gpu_numbers.py runs it on CPU with a tiny config (that run checks the wiring only).

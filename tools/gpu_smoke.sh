@@ -116,7 +116,7 @@ if ep > 1:
 if device == "cuda":
     assert last["peak_mem_mb"] > 0
     if "mfu" not in last:
-        print("note: no mfu (GPU not in diffmoe_dist/flops.py's table; set train.peak_tflops)")
+        print("note: no mfu (GPU not in diffmoe_dist/models/flops.py's table; set train.peak_tflops)")
 EOF
 }
 check_samples() { # check_samples DIR COUNT PRECISION

@@ -8,12 +8,12 @@
     python tools/plan_cluster.py --grad-reduce-dtype bf16 --accum 2
     python tools/plan_cluster.py --check-bench step.json   # predicted vs measured bench_step cases
 
-The model (FLOP counts, byte counts, link and memory assumptions) is in diffmoe_dist/bench/planner.py.
+The model (FLOP counts, byte counts, link and memory assumptions) is in diffmoe_dist/planner/cost_model.py.
 Without --bench the compute rate is 40% of an H100's bf16 peak; with --bench it is what
 tools/bench_moe.py --json measured (calibrate on the target GPU, not on a CPU, for real predictions).
 --check-bench takes a tools/bench_step.py --json result, measures this machine's gloo links on 2 and
 4 ranks (or takes --link-gbps / --link-latency-us), and prints the same plan() formula's prediction
-of each multi-rank DiffMoE case against the measurement (diffmoe_dist/bench/plan_check.py).
+of each multi-rank DiffMoE case against the measurement (diffmoe_dist/planner/check.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from diffmoe_dist.bench.planner import MODELS, Links, Rates, calibrate, plan, recommend  # noqa: E402
+from diffmoe_dist.planner.cost_model import MODELS, Links, Rates, calibrate, plan, recommend  # noqa: E402
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def check(args: argparse.Namespace) -> dict:
-    """--check-bench: predicted vs measured step and exposed communication (plan_check.py)."""
-    from diffmoe_dist.bench.plan_check import check_bench, measure_links
+    """--check-bench: predicted vs measured step and exposed communication (diffmoe_dist/planner/check.py)."""
+    from diffmoe_dist.planner.check import check_bench, measure_links
 
     path = args.check_bench
     try:

@@ -37,7 +37,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(_ROOT))
 
-from diffmoe_dist.reproduce import (  # noqa: E402
+from diffmoe_dist.studies.reproduce_routing import (  # noqa: E402
     MODES,
     PRESETS,
     StudySpec,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffmoe_dist.scaling import (  # noqa: E402
+from diffmoe_dist.studies.scaling_study import (  # noqa: E402
     finish_table,
     local_command,
     parse_layouts,

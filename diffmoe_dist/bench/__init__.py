@@ -1,1 +1,1 @@
-"""Instruments: the MoE layer benchmark (moe_bench) and the cluster planner (planner)."""
+"""Benchmarks (print a table or --json): one MoE layer (moe_bench) and the whole training step (step_bench)."""

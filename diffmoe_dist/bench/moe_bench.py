@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffmoe_dist.bench.common import check_cases
-from diffmoe_dist.flops import peak_bf16_flops
+from diffmoe_dist.models.flops import peak_bf16_flops
 from diffmoe_dist.models.moe import FeedForward, LocalDispatcher, MoELayer
 
 TOKENS_PER_IMAGE = 256  # 32x32x4 latents, patch 2

@@ -11,7 +11,7 @@ What each number is:
                          ``warmup`` untimed steps; the step ends with collectives, so ranks agree.
   samples_per_s          global samples per step / step time.
   tflops_per_rank, mfu_vs_measured_peak
-                         model FLOPs (diffmoe_dist/flops.py: train_flops_per_sample) per rank per
+                         model FLOPs (diffmoe_dist/models/flops.py: train_flops_per_sample) per rank per
                          second, over the matmul peak measured in the same run on the same device
                          and dtype (best n x n matmul before the timed steps and in every repeat,
                          each rank at the same time).
@@ -316,7 +316,7 @@ def _instrumented_step(trainer: Any, device: str) -> tuple[dict[str, int], float
 
 def run_rank(rank: int, spec: StepSpec) -> dict[str, Any]:
     """Build every case on this rank, time them interleaved, instrument one more step of each."""
-    from diffmoe_dist.flops import train_flops_per_sample
+    from diffmoe_dist.models.flops import train_flops_per_sample
     from diffmoe_dist.parallel.distributed import DistInfo, barrier
     from diffmoe_dist.trainer.trainer import Trainer
 

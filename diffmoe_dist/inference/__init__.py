@@ -1,7 +1,7 @@
 """Loading a trained model for inference, in one place.
 
 ``load_model`` is what ``diffmoe-sample``, ``diffmoe-eval``, ``tools/threshold_sweep.py`` and the
-routing study (reproduce.py) call: it builds the expert-parallel state for a sampling layout, builds
+routing study (studies/reproduce_routing.py) call: it builds the expert-parallel state for a sampling layout, builds
 ONE DiffMoE, keeps this rank's expert slice, and loads into it the EMA or the live weights (with the
 MoE thresholds, which both copies carry) from a checkpoint of either engine, through the read-only
 reader (checkpoint.load_for_reading: verified files only, nothing written or deleted). The model comes

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from diffmoe_dist.launch_env import resolve_launch_env
+from diffmoe_dist.parallel.launch_env import resolve_launch_env
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,8 @@ from diffmoe_dist.data import (
     rank_slice,
 )
 from diffmoe_dist.data.factory import build_dataset
-from diffmoe_dist.flops import peak_bf16_flops, train_flops_per_sample
-from diffmoe_dist.metrics import MetricsLogger
 from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
-from diffmoe_dist.numerics import set_deterministic, set_tf32
+from diffmoe_dist.models.flops import peak_bf16_flops, train_flops_per_sample
 from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import (
     DistInfo,
@@ -66,6 +64,7 @@ from diffmoe_dist.parallel.distributed import (
     init_distributed,
 )
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
+from diffmoe_dist.parallel.numerics import set_deterministic, set_tf32
 from diffmoe_dist.parallel.parallelize import (
     GradReducer,
     ParallelState,
@@ -77,11 +76,12 @@ from diffmoe_dist.parallel.parallelize import (
     is_expert_param,
     reduce_thresholds,
 )
-from diffmoe_dist.runlock import RunDirLock
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption
 from diffmoe_dist.trainer.ema import update_ema
+from diffmoe_dist.trainer.metrics import MetricsLogger
 from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr, zero_grad
+from diffmoe_dist.trainer.runlock import RunDirLock
 from diffmoe_dist.transport.objective import get_objective, model_out_channels
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Trainer:
         return out
 
     def _check_run_dir(self) -> None:
-        """Rank 0 takes the run directory's lock (diffmoe_dist/runlock.py) before anything in it is
+        """Rank 0 takes the run directory's lock (diffmoe_dist/trainer/runlock.py) before anything in it is
         written; every rank raises the same ValueError when it cannot (held elsewhere, read-only)."""
         problem: str | None = None
         if self.rank == 0:

@@ -8,7 +8,7 @@ or only in ``moe.num_experts`` (the expert-count sweep, the paper's E2/E4/E8/E16
 activated compute stays that of one dense FFN per token since k = floor(S * C / E)).
 Each variant trains once per seed (``train.seed`` = data order, init, noise), as a subprocess
 (``python -m diffmoe_dist.train``, or ``torchrun`` with ``nproc > 1``), and is then evaluated in a
-second subprocess (``python -m diffmoe_dist.reproduce RUN_DIR ...``) on the EMA weights:
+second subprocess (``python -m diffmoe_dist.studies.reproduce_routing RUN_DIR ...``) on the EMA weights:
 
 * the digits judge (quality/digits.py): Frechet distance to the held-out digits and conditional
   accuracy, from a fixed number of samples drawn with a fixed sampler and noise (sample.seed);
@@ -46,7 +46,7 @@ import torch
 
 from diffmoe_dist.config import Config, load_config, validate_layout
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = {
     "cpu": REPO / "configs" / "reproduce_routing.yaml",
     "gpu": REPO / "configs" / "reproduce_routing_gpu.yaml",
@@ -286,7 +286,7 @@ def run_one(spec: StudySpec, v: Variant, seed: int) -> dict[str, Any]:
     )
     train_s = time.perf_counter() - t0
     spec.log(f"[eval]  {v.label} seed {seed} (trained in {train_s:.0f} s)")
-    eval_cmd = [sys.executable, "-m", "diffmoe_dist.reproduce", str(run_dir)]
+    eval_cmd = [sys.executable, "-m", "diffmoe_dist.studies.reproduce_routing", str(run_dir)]
     eval_cmd += ["--rules", ",".join(v.rules), "--heldout-samples", str(spec.heldout_samples)]
     eval_cmd += ["--out", str(run_dir / "eval.json")]
     for item in sample_overrides(v, cfg):
@@ -312,7 +312,7 @@ def run_one(spec: StudySpec, v: Variant, seed: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# evaluation worker (runs in its own process: python -m diffmoe_dist.reproduce RUN_DIR ...)
+# evaluation worker (runs in its own process: python -m diffmoe_dist.studies.reproduce_routing RUN_DIR ...)
 
 
 def heldout_set(image_size: int, num: int) -> tuple[torch.Tensor, ...]:
@@ -649,7 +649,7 @@ def run_study(spec: StudySpec) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m diffmoe_dist.reproduce",
+        prog="python -m diffmoe_dist.studies.reproduce_routing",
         description="Evaluate one run of the routing study (the tool calls this per run).",
     )
     p.add_argument("run_dir", type=Path)

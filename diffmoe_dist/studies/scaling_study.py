@@ -32,7 +32,7 @@ from diffmoe_dist.config import Config, load_config, validate_layout
 LAYOUT_KEYS = ("nodes", "nproc", "ep", "micro")
 # Per-layout overrides allowed: they change how the model is run, never what it computes.
 LAYOUT_OVERRIDE_PREFIXES = ("parallel.", "deepspeed.", "train.precision")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
         f"scaling_eff: samples/s per rank relative to {base or 'the smallest successful layout'} "
         "(1.0 = linear). a2a_share: time in the expert dispatcher's collectives / step time, "
         "mean over ranks. peak_mem_mb: max over ranks (GPU: max_memory_allocated, CPU: peak RSS). "
-        "tflops_per_rank / mfu: model FLOPs (diffmoe_dist/flops.py). load_skew: max/mean tokens per "
+        "tflops_per_rank / mfu: model FLOPs (diffmoe_dist/models/flops.py). load_skew: max/mean tokens per "
         "expert (max over layers). max_loss_diff: largest |loss - baseline loss| over steps "
         "(the model is held fixed, so this is float rounding).",
     ]

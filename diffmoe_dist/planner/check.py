@@ -34,7 +34,7 @@ import statistics
 import time
 from typing import Any
 
-from diffmoe_dist.bench.planner import MODELS, Links, Rates, plan
+from diffmoe_dist.planner.cost_model import MODELS, Links, Rates, plan
 
 CALIBRATIONS = ("peak", "one-rank")
 

@@ -160,7 +160,7 @@ def encode_shard(
     vae: Any, plan: dict[str, Any], sid: int, out: Path, device: torch.device, progress: Any = None
 ) -> None:
     """Encode shard ``sid`` of the plan and publish it (file, then its record)."""
-    from diffmoe_dist.vae import encode
+    from diffmoe_dist.data.vae import encode
 
     o = plan["options"]
     lo = sid * o["shard_size"]
@@ -233,8 +233,8 @@ def extract(
 ) -> dict[str, Any]:
     """Run (or resume) an extraction on this rank. Every rank of ``group`` calls it; rank 0 returns
     the summary with the manifest path, the others a summary of their own work."""
+    from diffmoe_dist.data.vae import load_vae
     from diffmoe_dist.parallel.distributed import all_reduce, barrier
-    from diffmoe_dist.vae import load_vae
 
     device = torch.device(device)
     out = Path(out_dir)

@@ -17,7 +17,6 @@ collectives directly.
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,16 +90,14 @@ def cleanup() -> None:
 
 
 def is_rank0() -> bool:
+    """True on global rank 0, and in a process without a process group."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def print0(*args: object) -> None:
+    """print (flushed) on global rank 0 only: the user-facing lines a multi-rank run says once."""
     if is_rank0():
         print(*args, flush=True)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -60,8 +60,10 @@ from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import (
     DistInfo,
     all_reduce,
+    all_reduce_scalars,
     broadcast_object,
     init_distributed,
+    print0,
 )
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 from diffmoe_dist.parallel.numerics import set_deterministic, set_tf32
@@ -292,17 +294,15 @@ class Trainer:
                 f"engine={self.cfg.engine} (weights, EMA, thresholds and optimizer state carry over)"
             )
             log.warning(msg)
-            print(msg, flush=True)
+            print0(msg)
         meta = self.ckpt.load(path, self.model, self.ema, self.checkpoint_optimizer())
         self.step = self._last_saved = int(meta["step"])
         self.metrics.truncate_after(self.step)
-        if self.rank == 0:
-            old = meta["layout"]
-            print(
-                f"resumed from {path} at step {self.step} (saved at world {old['world_size']}, "
-                f"ep {old['ep']}; now world {self.world_size}, ep {self.ps.ep})",
-                flush=True,
-            )
+        old = meta["layout"]
+        print0(
+            f"resumed from {path} at step {self.step} (saved at world {old['world_size']}, "
+            f"ep {old['ep']}; now world {self.world_size}, ep {self.ps.ep})"
+        )
 
     # ------------------------------------------------------------------------------------------------
     def apply_capacity_schedule(self, step: int) -> None:
@@ -446,10 +446,8 @@ class Trainer:
         engine has already stepped (DeepSpeed), so skipping is impossible and the run stops.
         """
         if agreed_bad is None:  # (the native step agrees on the device and passes agreed_bad)
-            bad = torch.tensor([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
-            if self.ps.world_group is not None:
-                bad = all_reduce(bad.to(self.device), self.ps.world_group, self.device, "max")
-            agreed_bad = bad.item()
+            bad = 0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0
+            agreed_bad = all_reduce_scalars([bad], self.ps.world_group, self.device, "max")[0]
         if not agreed_bad:
             self._skips_in_row = 0
             return False
@@ -527,17 +525,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def _reduced(self, values: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of per-rank values (losses are per-rank means of equal-size slices)."""
-        if self.ps.world_group is None:
-            return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        return dict(zip(keys, all_reduce(t, self.ps.world_group, self.device, "mean").tolist()))
+        means = all_reduce_scalars([values[k] for k in keys], self.ps.world_group, self.device)
+        return dict(zip(keys, means))
 
     def _stop_agreed(self) -> int:
         """preemption.NONE / INTERRUPT (SIGINT) / PREEMPT (SIGUSR1, SIGTERM), the MAX over ranks."""
-        flag = torch.tensor([float(preemption.kind())], device=self.device)
-        all_reduce(flag, self.ps.world_group, self.device, "max")
-        return int(flag.item())
+        kind = float(preemption.kind())
+        return int(all_reduce_scalars([kind], self.ps.world_group, self.device, "max")[0])
 
     def moe_metrics(self) -> dict[str, Any]:
         """MoE statistics since the last log step, summed over ranks (telemetry.py: one all-reduce),
@@ -624,12 +619,11 @@ class Trainer:
                 preempted = stop == preemption.PREEMPT
                 if self.rank == 0 and preempted:  # the launcher requeues on this marker
                     (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))
-                    print(f"preempted: checkpoint at step {self.step} written", flush=True)
-                elif self.rank == 0:
-                    print(
+                    print0(f"preempted: checkpoint at step {self.step} written")
+                elif not preempted:
+                    print0(
                         f"interrupted (SIGINT): checkpoint at step {self.step} written; run the "
-                        "same command again to continue",
-                        flush=True,
+                        "same command again to continue"
                     )
                 if bar is not None:
                     bar.close()

@@ -8,16 +8,22 @@ reuses the finished runs instead of training again).
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from diffmoe_dist.studies.reproduce_routing import RoutingSpec, main, run_study
+from diffmoe_dist.studies.routing_report import markers, write_doc
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "reproduce_routing.py"
+PRESET = REPO / "configs" / "reproduce_routing.yaml"
 TINY = [
     "--seeds", "1", "--steps", "3", "--modes", "dense,diffmoe",
     "--set", "model.depth=2", "--set", "model.hidden_size=32",
@@ -28,12 +34,9 @@ TINY = [
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """The tool's main() in this process (its runs are subprocesses anyway): saves a startup."""
-    spec = importlib.util.spec_from_file_location("reproduce_routing_tool", TOOL)
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    rc = tool.main(args)
+    """The study's main() in this process (its runs are subprocesses anyway): saves a startup.
+    Called as the tool calls it (test_tool_is_a_shell checks that the tool does only that)."""
+    rc = main(args, root=REPO, prog="python tools/reproduce_routing.py")
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -89,9 +92,8 @@ def test_tiny_study_writes_table_and_plot(
 
 def test_layout_errors_before_training(tmp_path: Path) -> None:
     """A pool that does not divide the global batch is refused while planning (nothing trains)."""
-    from diffmoe_dist.studies.reproduce_routing import StudySpec, run_study
-
-    spec = StudySpec(
+    spec = RoutingSpec(
+        config=PRESET,
         modes=("diffmoe",),
         seeds=1,
         pool_sweep=(48,),
@@ -106,9 +108,8 @@ def test_layout_errors_before_training(tmp_path: Path) -> None:
 
 def test_expert_sweep_ep_must_divide_each_count(tmp_path: Path) -> None:
     """--experts 2 with --ep 4 is refused while planning, naming the keys and numbers."""
-    from diffmoe_dist.studies.reproduce_routing import StudySpec, run_study
-
-    spec = StudySpec(
+    spec = RoutingSpec(
+        config=PRESET,
         modes=("diffmoe",),
         seeds=1,
         nproc=4,
@@ -124,8 +125,6 @@ def test_expert_sweep_ep_must_divide_each_count(tmp_path: Path) -> None:
 
 
 def test_markers_keep_other_sections(tmp_path: Path) -> None:
-    from diffmoe_dist.studies.reproduce_routing import markers, write_doc
-
     def section(tag: str, body: str) -> str:
         begin, end = markers(tag)
         return f"{begin}\n{body}\n{end}\n"
@@ -168,3 +167,29 @@ def test_tiny_ddpm_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert [r[1] for r in rows] == ["static top-k", "dynamic (predictor)", "independent"]
     for r in rows:
         assert math.isfinite(float(r[4].split("±")[0]))  # the hybrid held-out loss
+
+
+@pytest.mark.parametrize("name", ["reproduce_routing", "scaling_study", "threshold_sweep"])
+def test_study_tools_are_shells(name: str) -> None:
+    """tools/<study>.py holds no logic: imports, the checkout's path, and main() of the package's
+    diffmoe_dist.studies.<study> (so everything a study does is importable and tested there)."""
+    tree = ast.parse((REPO / "tools" / f"{name}.py").read_text())
+    imported = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module]
+    package = [(n.module, [a.name for a in n.names]) for n in imported if n.module != "pathlib"]
+    assert package == [(f"diffmoe_dist.studies.{name}", ["main"])]
+    allowed = (ast.Expr, ast.Import, ast.ImportFrom, ast.Assign, ast.If)
+    assert all(isinstance(n, allowed) for n in tree.body), ast.dump(tree)[:500]
+    guard = tree.body[-1]
+    assert isinstance(guard, ast.If) and "sys.exit(main(" in ast.unparse(guard)
+
+
+def test_tool_refuses_bad_tag(tmp_path: Path) -> None:
+    """The shell runs from the checkout and reports a bad flag as a CLI error, before any work."""
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "--tag", "a b", "--work-dir", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "--tag 'a b': letters, digits, - and _ only" in res.stderr
+    assert not (tmp_path / "runs").exists()

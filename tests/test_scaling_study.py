@@ -14,7 +14,13 @@ from helpers_run import REPO, TINY, _env, losses
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.models.flops import train_flops_per_sample
-from diffmoe_dist.studies.scaling_study import Layout, parse_layouts, plan_sweep, slurm_command
+from diffmoe_dist.studies.scaling_study import (
+    ScalingSpec,
+    SweepPoint,
+    parse_layouts,
+    plan_sweep,
+    slurm_command,
+)
 
 STEPS = 3
 # The 4th layout is valid but fails at start-up on a CPU-only machine (nccl without CUDA).
@@ -119,12 +125,27 @@ def test_pool_changing_sweeps_refused(tmp_path: Path) -> None:
 
 def test_slurm_command_built(tmp_path: Path) -> None:
     plans = plan_sweep(
-        TINY, [Layout(1, nodes=2, nproc=4, ep=4, micro=2)], tmp_path, launcher="slurm"
+        TINY, [SweepPoint(1, nodes=2, nproc=4, ep=4, micro=2)], tmp_path, launcher="slurm"
     )
-    cmd, env = slurm_command(plans[0], TINY, ["--gpus-per-node=4"])
+    cmd, env = slurm_command(plans[0], TINY, REPO, ["--gpus-per-node=4"])
     assert cmd[:3] == ["sbatch", "--wait", "--nodes=2"] and "--gpus-per-node=4" in cmd
     assert cmd[cmd.index("--gpus-per-node=4") + 1].endswith("launchers/slurm_train.sh")
     assert "parallel.ep=4" in cmd and "train.global_batch_size=16" in cmd
     assert env["NPROC_PER_NODE"] == "4" and env["RUN_DIR"].endswith("n2-p4-ep4-m2")
+    assert env["REPO_DIR"] == str(REPO)
     with pytest.raises(ValueError, match="needs --launcher slurm"):
-        plan_sweep(TINY, [Layout(1, nodes=2, nproc=4, ep=4, micro=2)], tmp_path)
+        plan_sweep(TINY, [SweepPoint(1, nodes=2, nproc=4, ep=4, micro=2)], tmp_path)
+    # The package takes the checkout explicitly: a directory without the launcher is refused.
+    with pytest.raises(ValueError, match="launchers/slurm_train.sh .* has none"):
+        ScalingSpec(TINY, [plans[0].point], launcher="slurm", checkout=tmp_path)
+
+
+def test_dry_run_prints_commands(tmp_path: Path) -> None:
+    """--dry-run: one command per layout (torchrun for several ranks), nothing written."""
+    res = _study(tmp_path / "dry", "nodes=1,nproc=1,ep=1,micro=16; nodes=1,nproc=2,ep=2,micro=8",
+                 "--dry-run")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and "-m diffmoe_dist.train" in lines[0]
+    assert "torch.distributed.run" not in lines[0] and "--nproc-per-node=2" in lines[1]
+    assert "parallel.ep=2" in lines[1] and not (tmp_path / "dry").exists()

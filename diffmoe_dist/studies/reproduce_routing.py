@@ -6,18 +6,26 @@ choice within each image), DiffMoE (expert choice over a pool of ``pool_samples`
 E and C from the preset; extra DiffMoE variants differ only in ``moe.pool_samples`` (the pool sweep)
 or only in ``moe.num_experts`` (the expert-count sweep, the paper's E2/E4/E8/E16 at small scale:
 activated compute stays that of one dense FFN per token since k = floor(S * C / E)).
-Each variant trains once per seed (``train.seed`` = data order, init, noise), as a subprocess
-(``python -m diffmoe_dist.train``, or ``torchrun`` with ``nproc > 1``), and is then evaluated in a
-second subprocess (``python -m diffmoe_dist.studies.reproduce_routing RUN_DIR ...``) on the EMA weights:
 
-* the digits judge (quality/digits.py): Frechet distance to the held-out digits and conditional
-  accuracy, from a fixed number of samples drawn with a fixed sampler and noise (sample.seed);
-* the held-out loss of the objective (flow-matching MSE, or DDPM's hybrid loss with
-  t = floor(1000 u) of the same draws): the 179 held-out digits cycled to ``heldout_samples`` samples,
-  each with a fixed noise and t ~ U(0, 1) keyed by (HELDOUT_SEED, position), identical for every
-  model, so differences between rows are paired;
-* for DiffMoE once per inference rule: static top-k (C = 1), the paper's dynamic rule (predictor
-  counts, router chooses) and the batch-independent rule, each with its C_infer.
+    python tools/reproduce_routing.py                                   # CPU preset, 3 seeds
+    python tools/reproduce_routing.py --preset gpu --seeds 5
+    python tools/reproduce_routing.py --nproc 2 --ep 2 --modes diffmoe --pool-samples 16,32 --tag pool
+      (pools of 64 span both ranks; the sweep gets its own section and reproduction_pool.png)
+    python tools/reproduce_routing.py --seeds 1 --steps 50 --modes dense,diffmoe --out /tmp/r
+    python tools/reproduce_routing.py --modes diffmoe --experts 2,4,8,16 --tag experts
+      (the expert-count sweep: DiffMoE with E = 2, 4, 8, 16 at equal activated compute)
+    python tools/reproduce_routing.py --objective ddpm
+      (every model trained with DDPM instead of rectified flow, sampled with DDIM 32 steps; its own
+      section "ddpm" and work directory unless --tag / --work-dir say otherwise)
+
+Shape (as every study): ``RoutingSpec`` (what to run; every variant's layout is resolved and
+checked, and activated compute compared, before anything trains), the runner ``run_study``: each
+(variant, seed) trains as a subprocess (``python -m diffmoe_dist.train``, or ``torchrun`` with
+``--nproc > 1``; ``train.seed`` = data order, init, noise) and is then evaluated in a second one
+(``python -m diffmoe_dist.studies.routing_eval``, which documents the metrics: digits judge and
+held-out loss, for DiffMoE under static top-k, the dynamic predictor rule and the batch-independent
+rule, each with its C_infer), and the report (routing_report.py: the table, the orderings on paired
+seeds, the plot, the generated section of reproduction.md).
 
 Inference batches of DiffMoE are exactly one pool (``sample.batch_size = pool_samples``), so static
 top-k routes over the same pool size as training. Results land in ``<work_dir>/<variant>/seed<k>/``
@@ -28,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
+import re
+import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,39 +50,33 @@ from typing import Any
 import torch
 
 from diffmoe_dist.config import Config, load_config, validate_layout
+from diffmoe_dist.models.moe import INFER_RULES, ROUTING_MODES
+from diffmoe_dist.models.registry import FAMILIES
+from diffmoe_dist.studies.common import (
+    parse_int_list,
+    run_logged,
+    train_command,
+    versions,
+    write_json,
+)
+from diffmoe_dist.studies.routing_report import Row, build_rows, write_report
 
-REPO = Path(__file__).resolve().parents[2]
-PRESETS = {
-    "cpu": REPO / "configs" / "reproduce_routing.yaml",
-    "gpu": REPO / "configs" / "reproduce_routing_gpu.yaml",
-}
-MODES = ("dense", "tc", "ec", "diffmoe")
-MODE_NAMES = {"dense": "Dense-DiT", "tc": "TC-DiT", "ec": "EC-DiT", "diffmoe": "DiffMoE"}
-DIFFMOE_RULES = ("static", "dynamic", "independent")
-RULE_NAMES = {
-    "static": "static top-k",
-    "dynamic": "dynamic (predictor)",
-    "independent": "independent",
-}
-HELDOUT_SEED = 4242  # the held-out loss draws: fixed for every model of every study
-METRICS = ("fd", "accuracy", "heldout_loss", "c_infer")
+# The presets, inside the configs directory a caller names (tools/: the checkout's configs/).
+PRESET_FILES = {"cpu": "reproduce_routing.yaml", "gpu": "reproduce_routing_gpu.yaml"}
+MODE_NAMES = {"dense": "Dense-DiT", **{mode: family for family, mode in FAMILIES.items()}}
+# DiffMoE is evaluated under every inference rule but "gamma" (one fixed threshold: the threshold
+# sweep's subject, studies/threshold_sweep.py).
+DIFFMOE_RULES = tuple(r for r in INFER_RULES if r != "gamma")
 # --objective: the presets sample flow models with Heun (16 steps = 32 evaluations); DDPM models
 # with DDIM at the same 32 evaluations.
 OBJECTIVE_OVERRIDES = {
     "flow": [],
     "ddpm": ["objective=ddpm", "sample.sampler=ddim", "sample.num_steps=32"],
 }
-BEGIN, END = "<!-- BEGIN GENERATED by tools/reproduce_routing.py", "<!-- END GENERATED"
 
 
-def markers(tag: str) -> tuple[str, str]:
-    """The generated section's delimiters; one section per ``--tag`` (main study: tag "")."""
-    suffix = f" {tag}" if tag else ""
-    return f"{BEGIN}{suffix} -->", f"{END}{suffix} -->"
-
-
-def png_name(tag: str) -> str:
-    return f"reproduction_{tag}.png" if tag else "reproduction.png"
+# ----------------------------------------------------------------------------------------------------
+# spec
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,14 @@ class Variant:
 
 
 @dataclass
-class StudySpec:
-    """Everything that defines a study; the tool's command line maps onto it."""
+class RoutingSpec:
+    """Everything that defines a study; the command line maps onto it. Paths are explicit (the
+    package looks nothing up in a repository; tools/reproduce_routing.py passes its checkout's)."""
 
-    preset: str = "cpu"
-    config: Path = PRESETS["cpu"]
-    modes: tuple[str, ...] = MODES
+    config: Path  # the preset (configs/reproduce_routing*.yaml) or any config of the digits job
+    work_dir: Path  # <work_dir>/<variant>/seed<k>/: the runs, reused by a rerun with equal settings
+    out_dir: Path  # reproduction.md (generated section) and its plot
+    modes: tuple[str, ...] = ROUTING_MODES
     seeds: int = 3
     steps: int | None = None  # None: the preset's train.steps
     pool_sweep: tuple[int, ...] = ()  # extra DiffMoE pool sizes
@@ -126,11 +127,22 @@ class StudySpec:
     num_samples: int | None = None  # None: the preset's sample.num_samples
     sample_steps: int | None = None  # None: the preset's sample.num_steps
     overrides: tuple[str, ...] = ()  # extra --set for every variant
-    work_dir: Path = REPO / "runs" / "reproduce"
-    out_dir: Path = REPO / "docs"
-    command: str = ""
+    command: str = ""  # the command line, recorded in the report
     tag: str = ""  # names the generated section (and plot) so several studies share one doc
     log: Callable[[str], None] = field(default=print, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config, self.work_dir = Path(self.config).resolve(), Path(self.work_dir).resolve()
+        self.out_dir = Path(self.out_dir).resolve()
+        for flag, value in (("--seeds", self.seeds), ("--jobs", self.jobs)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.nproc < 1 or self.ep < 1:
+            raise ValueError(f"--nproc and --ep must be >= 1, got {self.nproc} and {self.ep}")
+        if self.tag and not re.fullmatch(r"[A-Za-z0-9_-]+", self.tag):
+            raise ValueError(f"--tag {self.tag!r}: letters, digits, - and _ only")
+        if not self.config.is_file():
+            raise ValueError(f"config {self.config} does not exist")
 
     def base_overrides(self) -> list[str]:
         if self.objective not in OBJECTIVE_OVERRIDES:
@@ -152,21 +164,11 @@ class StudySpec:
 # planning
 
 
-def parse_int_list(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as e:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from e
-    if any(v < 1 for v in values):
-        raise ValueError(f"{what}: every value must be >= 1, got {values}")
-    return values
-
-
-def variants(spec: StudySpec, preset_pool: int, preset_experts: int = 0) -> list[Variant]:
-    bad = [m for m in spec.modes if m not in MODES]
+def variants(spec: RoutingSpec, preset_pool: int, preset_experts: int = 0) -> list[Variant]:
+    bad = [m for m in spec.modes if m not in ROUTING_MODES]
     if bad or not spec.modes:
-        raise ValueError(f"--modes: {bad or 'none given'}; choose from {', '.join(MODES)}")
-    out = [Variant(m, preset_pool) for m in MODES if m in spec.modes]
+        raise ValueError(f"--modes: {bad or 'none given'}; choose from {', '.join(ROUTING_MODES)}")
+    out = [Variant(m, preset_pool) for m in ROUTING_MODES if m in spec.modes]
     out += [Variant("diffmoe", p, sweep=True) for p in spec.pool_sweep if p != preset_pool]
     out += [
         Variant("diffmoe", preset_pool, num_experts=e)
@@ -176,7 +178,7 @@ def variants(spec: StudySpec, preset_pool: int, preset_experts: int = 0) -> list
     return out
 
 
-def run_overrides(spec: StudySpec, v: Variant, seed: int, run_dir: Path) -> list[str]:
+def run_overrides(spec: RoutingSpec, v: Variant, seed: int, run_dir: Path) -> list[str]:
     # A dense FFN has no experts to shard: with nproc > 1 it trains data-parallel (ep = 1).
     ep = 1 if v.mode == "dense" else spec.ep
     experts = [f"moe.num_experts={v.num_experts}"] if v.num_experts else []
@@ -198,11 +200,7 @@ def sample_overrides(v: Variant, cfg: Config) -> list[str]:
     return ["parallel.ep=1", f"sample.batch_size={bs}"]
 
 
-def rule_overrides(rule: str) -> list[str]:
-    return [f"moe.infer_mode={rule}", "moe.infer_capacity=1.0"]
-
-
-def resolve(spec: StudySpec, v: Variant, seed: int, run_dir: Path) -> Config:
+def resolve(spec: RoutingSpec, v: Variant, seed: int, run_dir: Path) -> Config:
     """The variant's resolved config; layout problems raise ValueError before anything trains."""
     cfg = load_config(spec.config, run_overrides(spec, v, seed, run_dir))
     validate_layout(cfg, spec.nproc)
@@ -224,39 +222,10 @@ def param_counts(cfg: Config) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# one run: train (subprocess), evaluate (subprocess)
+# runner: one run = train (subprocess), evaluate (subprocess)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the children must not inherit a launcher's rank identity
-    return env
-
-
-def train_command(config: Path, overrides: Sequence[str], nproc: int) -> list[str]:
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "diffmoe_dist.train", "--config", str(config)]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
-def _run_logged(cmd: list[str], log_path: Path) -> None:
-    with open(log_path, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    if rc != 0:
-        tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"command failed (rc {rc}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
-
-
-def run_one(spec: StudySpec, v: Variant, seed: int) -> dict[str, Any]:
+def run_one(spec: RoutingSpec, v: Variant, seed: int) -> dict[str, Any]:
     """Train and evaluate one (variant, seed); reuse a finished result with the same settings."""
     run_dir = spec.work_dir / v.key / f"seed{seed}"
     cfg = resolve(spec, v, seed, run_dir)
@@ -279,20 +248,15 @@ def run_one(spec: StudySpec, v: Variant, seed: int) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     spec.log(f"[train] {v.label} seed {seed} ({cfg.train.steps} steps, nproc {spec.nproc})")
-    t0 = time.perf_counter()
-    _run_logged(
-        train_command(spec.config, run_overrides(spec, v, seed, run_dir), spec.nproc),
-        run_dir / "train.log",
-    )
-    train_s = time.perf_counter() - t0
+    train_cmd = train_command(spec.config, run_overrides(spec, v, seed, run_dir), spec.nproc)
+    train_s = run_logged(train_cmd, run_dir / "train.log").check().wall_s
     spec.log(f"[eval]  {v.label} seed {seed} (trained in {train_s:.0f} s)")
-    eval_cmd = [sys.executable, "-m", "diffmoe_dist.studies.reproduce_routing", str(run_dir)]
+    eval_cmd = [sys.executable, "-m", "diffmoe_dist.studies.routing_eval", str(run_dir)]
     eval_cmd += ["--rules", ",".join(v.rules), "--heldout-samples", str(spec.heldout_samples)]
     eval_cmd += ["--out", str(run_dir / "eval.json")]
     for item in sample_overrides(v, cfg):
         eval_cmd += ["--set", item]
-    t1 = time.perf_counter()
-    _run_logged(eval_cmd, run_dir / "eval.log")
+    eval_s = run_logged(eval_cmd, run_dir / "eval.log").check().wall_s
     evals = json.loads((run_dir / "eval.json").read_text())
     result = {
         "variant": v.key,
@@ -300,321 +264,25 @@ def run_one(spec: StudySpec, v: Variant, seed: int) -> dict[str, Any]:
         "pool_samples": v.pool_samples,
         "seed": seed,
         "train_s": train_s,
-        "eval_s": time.perf_counter() - t1,
+        "eval_s": eval_s,
         "final_train": json.loads((run_dir / "final.json").read_text()),
         "rules": evals,
         "fingerprint": fingerprint,
     }
-    tmp = result_path.with_name("result.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, result_path)
+    write_json(result_path, result)
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# evaluation worker (runs in its own process: python -m diffmoe_dist.studies.reproduce_routing RUN_DIR ...)
-
-
-def heldout_set(image_size: int, num: int) -> tuple[torch.Tensor, ...]:
-    """(x1, x0, t, y): the held-out digits cycled to ``num`` samples with fixed noise and t."""
-    from diffmoe_dist.data import TIME_STREAM, per_sample_normal, per_sample_uniform
-    from diffmoe_dist.data.digits import DigitsDataset
-
-    ds = DigitsDataset(image_size, split="heldout")
-    idx = torch.arange(num) % len(ds)
-    x1, y = ds.get_batch(idx, torch.zeros(num, dtype=torch.bool))
-    ids = torch.arange(num)
-    x0 = per_sample_normal(HELDOUT_SEED, 0, ids, x1.shape[1:])
-    t = per_sample_uniform(HELDOUT_SEED, 0, ids, TIME_STREAM)
-    return x1.float(), x0, t, y
-
-
-@torch.no_grad()
-def heldout_loss(
-    net: torch.nn.Module,
-    data: tuple[torch.Tensor, ...],
-    batch_size: int,
-    device: torch.device,
-    objective: str = "flow",
-) -> float:
-    """Mean per-sample objective loss (conditional labels, no dropout) over the held-out set: the
-    flow-matching MSE, or DDPM's hybrid loss (t = floor(u * 1000) of the same uniform draws)."""
-    from diffmoe_dist.transport.objective import get_objective
-
-    obj = get_objective(objective)
-    x1, x0, u, y = (v.to(device) for v in data)
-    t = obj.time_from_uniform(u)
-    total = 0.0
-    for s in range(0, x1.shape[0], batch_size):
-        b = slice(s, s + batch_size)
-        z = obj.noisy(x1[b], x0[b], t[b])
-        out = net(z, obj.model_time(t[b]), y[b])
-        total += float(obj.losses(out.float(), x1[b], x0[b], z, t[b])[obj.loss_key].sum())
-    return total / x1.shape[0]
-
-
-def evaluate_run(
-    run_dir: Path, rules: Sequence[str], overrides: Sequence[str], heldout_samples: int
-) -> dict[str, dict[str, Any]]:
-    """{rule: {accuracy, fd, c_infer, heldout_loss, ...}} for the run's latest checkpoint (EMA)."""
-    from diffmoe_dist.evaluate import evaluate_checkpoint
-    from diffmoe_dist.inference import load_model
-    from diffmoe_dist.parallel.distributed import cleanup
-    from diffmoe_dist.sample import resolve_with_config
-
-    ckpt, cfg = resolve_with_config(str(run_dir), None, list(overrides))
-    if cfg.data.name != "digits":
-        raise ValueError(f"the routing study runs on the digits; {run_dir} has {cfg.data.name}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_model(cfg, ckpt, device=device, follow_latest=True).net  # one model, EMA by default
-    data = heldout_set(cfg.model.input_size, heldout_samples)
-    # The held-out loss runs whole training pools (DiffMoE) so static top-k sees the training S.
-    loss_bs = cfg.moe.pool_samples if cfg.moe.mode == "diffmoe" else 64
-    out: dict[str, dict[str, Any]] = {}
-    try:
-        for rule in rules:
-            res = evaluate_checkpoint(str(run_dir), None, [*overrides, *rule_overrides(rule)])
-            assert res is not None  # world 1: this process is rank 0
-            if cfg.moe.mode != "dense":
-                net.set_inference(rule, 1.0, cfg.moe.gamma)
-            res["heldout_loss"] = heldout_loss(net, data, loss_bs, device, cfg.objective)
-            res.pop("telemetry", None)
-            out[rule] = res
-    finally:
-        cleanup()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# aggregation and report
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 @dataclass
-class Row:
-    label: str  # model and rule
-    model: str
-    variant: str
-    rule: str
-    values: dict[str, list[float]]  # metric -> per seed, in seed order
-    params: dict[str, int]
-    train_s: list[float]
-
-    def stat(self, metric: str) -> tuple[float, float]:
-        return _mean_std(self.values[metric])
+class StudyResult:
+    rows: list[Row]
+    base: Config  # the preset with the study's overrides (what the report describes)
+    wall_s: float
+    versions: dict[str, str]
 
 
-def build_rows(
-    results: list[dict[str, Any]], vs: list[Variant], params: dict[str, dict[str, int]]
-) -> list[Row]:
-    rows = []
-    for v in vs:
-        mine = sorted((r for r in results if r["variant"] == v.key), key=lambda r: r["seed"])
-        for rule in v.rules:
-            label = v.label if v.mode != "diffmoe" else f"{v.label} {RULE_NAMES[rule]}"
-            values = {m: [float(r["rules"][rule][m]) for r in mine] for m in METRICS}
-            rows.append(
-                Row(
-                    label, v.label, v.key, rule, values, params[v.key], [r["train_s"] for r in mine]
-                )
-            )
-    return rows
-
-
-def _fmt(mean: float, std: float, digits: int) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def results_table(rows: list[Row]) -> str:
-    head = (
-        "| model | inference rule | FD ↓ | accuracy ↑ | held-out loss ↓ | C_infer | "
-        "activated params | total params | train wall s / run | seeds |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
-    )
-    lines = []
-    for r in rows:
-        lines.append(
-            f"| {r.model} | {RULE_NAMES[r.rule] if r.variant.startswith('diffmoe') else '-'} "
-            f"| {_fmt(*r.stat('fd'), 3)} | {_fmt(*r.stat('accuracy'), 3)} "
-            f"| {_fmt(*r.stat('heldout_loss'), 4)} | {_fmt(*r.stat('c_infer'), 3)} "
-            f"| {r.params['activated'] / 1e6:.3f}M | {r.params['total'] / 1e6:.3f}M "
-            f"| {statistics.fmean(r.train_s):.0f} | {len(r.train_s)} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-# (better, worse) as the paper orders them; each compared on paired seeds.
-ORDERINGS = (
-    (("diffmoe", "dynamic"), ("diffmoe", "static")),
-    (("diffmoe", "static"), ("ec", "static")),
-    (("ec", "static"), ("dense", "static")),
-    (("dense", "static"), ("tc", "static")),
-    (("diffmoe", "static"), ("dense", "static")),
-)
-
-
-def ordering_table(rows: list[Row]) -> str:
-    """Per claimed ordering and metric: mean paired difference, seeds where it holds, and whether
-    the gap of the means exceeds the two rows' seed spreads added (non-overlapping ±1 std)."""
-    find = {(r.variant, r.rule): r for r in rows}
-    out = [
-        "| claim (paper) | metric | mean difference (better − worse) | holds in seeds "
-        "| gap > std_a + std_b |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for a_key, b_key in ORDERINGS:
-        a, b = find.get(a_key), find.get(b_key)
-        if a is None or b is None:
-            continue
-        for metric, sign in (("fd", -1), ("accuracy", 1), ("heldout_loss", -1)):
-            xa, xb = a.values[metric], b.values[metric]
-            n = min(len(xa), len(xb))
-            diffs = [xa[i] - xb[i] for i in range(n)]
-            holds = sum(1 for d in diffs if sign * d > 0)
-            (ma, sa), (mb, sb) = _mean_std(xa), _mean_std(xb)
-            gap = sign * (ma - mb)
-            if n < 2:
-                clear = "n/a (1 seed)"
-            else:
-                clear = "yes" if gap > sa + sb else ("no (reversed)" if -gap > sa + sb else "no")
-            md, sd = _mean_std(diffs)
-            out.append(
-                f"| {a.label} > {b.label} | {metric} | {md:+.4f} ± {sd:.4f} | {holds}/{n} "
-                f"| {clear} |"
-            )
-    return "\n".join(out) + "\n"
-
-
-def plot(rows: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = (("fd", "FD (judge features) ↓"), ("accuracy", "conditional accuracy ↑"))
-    metrics += (("heldout_loss", "held-out loss ↓"), ("c_infer", "C_infer"))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 0.45 * len(rows) + 2.2), sharey=True)
-    ys = list(range(len(rows)))[::-1]
-    colors = {"dense": "tab:gray", "tc": "tab:red", "ec": "tab:orange"}
-    for ax, (metric, title) in zip(axes, metrics):
-        for y, r in zip(ys, rows):
-            m, s = r.stat(metric)
-            c = colors.get(r.variant, "tab:blue" if r.variant == "diffmoe" else "tab:purple")
-            ax.errorbar([m], [y], xerr=[s], fmt="o", color=c, capsize=4)
-            ax.scatter(r.values[metric], [y] * len(r.values[metric]), s=10, color=c, alpha=0.4)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_yticks(ys)
-    axes[0].set_yticklabels([r.label for r in rows])
-    fig.suptitle("Routing comparison on digits: mean ± std over seeds (dots: single seeds)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import sklearn
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
-        "git commit": commit,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible"
-        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
-    }
-
-
-def generated_section(
-    spec: StudySpec,
-    rows: list[Row],
-    wall_s: float,
-    png_name: str,
-    cfg: Config,
-    vers: dict[str, str],
-) -> str:
-    begin, end = markers(spec.tag)
-    parts = [
-        begin,
-        f"## Results (generated{': ' + spec.tag if spec.tag else ''})",
-        "",
-        f"Command (total wall time {wall_s / 60:.1f} min):",
-        "",
-        "```",
-        spec.command,
-        "```",
-        "",
-        f"Preset `{spec.config.relative_to(REPO) if spec.config.is_relative_to(REPO) else spec.config}`"
-        f" with `{' '.join(spec.base_overrides()) or 'no extra --set'}`; per variant the tool sets "
-        "`moe.mode`, `moe.pool_samples`, `train.seed` (0..seeds-1), `parallel.ep` "
-        f"(nproc {spec.nproc}, ep {spec.ep}; Dense always ep 1). Resolved: depth "
-        f"{cfg.model.depth}, width {cfg.model.hidden_size}, E {cfg.moe.num_experts}, C "
-        f"{cfg.moe.capacity}, {cfg.train.steps} steps, global batch {cfg.train.global_batch_size}, "
-        f"lr {cfg.train.lr}, EMA {cfg.train.ema_decay}. Evaluation: EMA weights, "
-        f"{cfg.sample.num_samples} samples ({cfg.sample.sampler}, {cfg.sample.num_steps} steps, cfg "
-        f"{cfg.sample.cfg_scale}, sample.seed {cfg.sample.seed}), held-out loss over "
-        f"{spec.heldout_samples} fixed (digit, noise, t) triples.",
-        "",
-        "Versions: " + "; ".join(f"{k} {v}" for k, v in vers.items()) + ".",
-        "",
-        results_table(rows),
-        f"![routing comparison]({png_name})",
-        "",
-        "Orderings claimed by the paper, on paired seeds:",
-        "",
-        ordering_table(rows),
-        end,
-    ]
-    return "\n".join(parts) + "\n"
-
-
-def write_doc(path: Path, section: str, tag: str = "") -> None:
-    """Replace the ``tag`` section of ``path`` (keep everything else, hand-written text and other
-    tags' sections) or append it; a new file gets a title."""
-    begin, end = markers(tag)
-    if path.is_file():
-        text = path.read_text()
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            tail = rest.split(end, 1)[1]
-            text = head + section.rstrip("\n") + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = "# Reproducing the routing comparison (paper Table 3) on digits\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_study(spec: StudySpec) -> list[Row]:
-    """Plan (fail fast on layout errors), train + evaluate every (variant, seed), write the doc."""
-    if spec.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {spec.seeds}")
-    if spec.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {spec.jobs}")
+def run_study(spec: RoutingSpec) -> StudyResult:
+    """Plan (fail fast on layout errors), then train + evaluate every (variant, seed)."""
     base = load_config(spec.config, spec.base_overrides())
     vs = variants(spec, base.moe.pool_samples, base.moe.num_experts)
     params = {}
@@ -631,44 +299,135 @@ def run_study(spec: StudySpec) -> list[Row]:
         results = list(pool.map(lambda vs_: run_one(spec, *vs_), todo))
     wall = time.perf_counter() - t0
     rows = build_rows(results, vs, params)
-    png = spec.out_dir / png_name(spec.tag)
-    plot(rows, png)
-    section = generated_section(spec, rows, wall, png.name, base, vers)
-    write_doc(spec.out_dir / "reproduction.md", section, spec.tag)
     summary = {"rows": [r.__dict__ for r in rows], "wall_s": wall, "command": spec.command}
-    spec.work_dir.mkdir(parents=True, exist_ok=True)
-    (spec.work_dir / f"results{'_' + spec.tag if spec.tag else ''}.json").write_text(
-        json.dumps(summary, indent=1)
-    )
-    return rows
+    write_json(spec.work_dir / f"results{'_' + spec.tag if spec.tag else ''}.json", summary)
+    return StudyResult(rows, base, wall, vers)
 
 
 # ----------------------------------------------------------------------------------------------------
-# evaluation worker entry point
+# command line
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m diffmoe_dist.studies.reproduce_routing",
-        description="Evaluate one run of the routing study (the tool calls this per run).",
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--rules", default="static", help="comma-separated inference rules")
+    p.add_argument("--preset", choices=sorted(PRESET_FILES), default="cpu")
+    p.add_argument("--config", type=Path, help="use this YAML instead of the preset's")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
+    p.add_argument("--steps", type=int, help="train.steps (default: the preset's)")
+    p.add_argument(
+        "--modes", default=",".join(ROUTING_MODES), help=f"subset of {','.join(ROUTING_MODES)}"
+    )
+    p.add_argument(
+        "--pool-samples",
+        default="",
+        help="extra DiffMoE pool sizes, e.g. 16,128 (the sweep; the preset's pool is always the "
+        "main DiffMoE row)",
+    )
+    p.add_argument(
+        "--experts",
+        default="",
+        help="extra DiffMoE expert counts, e.g. 2,4,8,16 (the sweep; the preset's E is the main "
+        "row; --ep must divide each)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVE_OVERRIDES),
+        default="flow",
+        help="training objective of every variant (ddpm: DiT's DDPM, sampled with DDIM)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="training processes per run (torchrun, gloo on CPU; Dense trains data-parallel, "
+        "evaluation always runs on one process)",
+    )
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the MoE runs")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at a time (default: 2 with --nproc 1, else 1; the CPU box has 2 cores)",
+    )
+    p.add_argument("--num-samples", type=int, help="judge samples per run (default: preset's)")
+    p.add_argument("--sample-steps", type=int, help="sampler steps (default: preset's)")
     p.add_argument("--heldout-samples", type=int, default=512)
-    p.add_argument("--out", type=Path, required=True, help="JSON file for {rule: metrics}")
+    p.add_argument("--out", type=Path, help="reproduction.md/.png go here (default: docs/)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="run directories (default: runs/reproduce_<preset>[_<objective>]); finished runs "
+        "there are reused by a rerun with identical settings",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="name of this study's section in reproduction.md (plot: reproduction_TAG.png), so "
+        "e.g. a pool sweep sits beside the main table",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return p.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace, root: Path, command: str) -> RoutingSpec:
+    """The spec of a command line; defaults (preset, docs/, runs/) are resolved under ``root``."""
+    config = args.config or root / "configs" / PRESET_FILES[args.preset]
+    if not args.config and not config.is_file():
+        raise ValueError(
+            f"--preset {args.preset}: {config} not found; pass --config, or run from the "
+            "repository root (tools/reproduce_routing.py finds its checkout's configs/)"
+        )
+    # A DDPM study gets its own runs and doc section by default (a rerun must not replace the flow ones).
+    suffix = "" if args.objective == "flow" else f"_{args.objective}"
+    return RoutingSpec(
+        config=config,
+        work_dir=args.work_dir or root / "runs" / f"reproduce_{args.preset}{suffix}",
+        out_dir=args.out or root / "docs",
+        modes=tuple(m for m in args.modes.split(",") if m),
+        seeds=args.seeds,
+        steps=args.steps,
+        pool_sweep=parse_int_list(args.pool_samples, "--pool-samples"),
+        expert_sweep=parse_int_list(args.experts, "--experts"),
+        nproc=args.nproc,
+        ep=args.ep,
+        jobs=args.jobs or (2 if args.nproc == 1 else 1),
+        heldout_samples=args.heldout_samples,
+        num_samples=args.num_samples,
+        sample_steps=args.sample_steps,
+        overrides=tuple(args.overrides),
+        tag=args.tag or suffix.lstrip("_"),
+        objective=args.objective,
+        command=command,
+    )
+
+
+def main(
+    argv: list[str] | None = None,
+    root: Path | None = None,
+    prog: str = "python -m diffmoe_dist.studies.reproduce_routing",
+) -> int:
+    """``root``: where the default preset (configs/), docs/ and runs/ are (default: the current
+    directory); ``prog``: how the report's command line starts."""
+    args = parse_args(argv, prog.split()[-1])
+    argv_used = sys.argv[1:] if argv is None else argv
     try:
-        rules = [r for r in args.rules.split(",") if r]
-        out = evaluate_run(args.run_dir, rules, args.overrides, args.heldout_samples)
+        spec = spec_from_args(args, root or Path.cwd(), shlex.join([*prog.split(), *argv_used]))
+        res = run_study(spec)
+        doc, png = write_report(spec, res.rows, res.wall_s, res.base, res.versions)
     except ValueError as e:
-        print(f"reproduce eval: error: {e}", file=sys.stderr)
+        print(f"reproduce_routing: error: {e}", file=sys.stderr)
         return 2
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out)
-    print(json.dumps({k: {m: v.get(m) for m in METRICS} for k, v in out.items()}), flush=True)
+    except RuntimeError as e:  # a training or evaluation subprocess failed: its log tail is in e
+        print(f"reproduce_routing: {e}", file=sys.stderr)
+        return 1
+    for r in res.rows:
+        fd, acc, loss = r.stat("fd"), r.stat("accuracy"), r.stat("heldout_loss")
+        print(
+            f"{r.label:<40} fd {fd[0]:.3f}±{fd[1]:.3f}  acc {acc[0]:.3f}±{acc[1]:.3f}  "
+            f"loss {loss[0]:.4f}±{loss[1]:.4f}  C_infer {r.stat('c_infer')[0]:.3f}"
+        )
+    print(f"wrote {doc} and {png}")
     return 0
 
 

@@ -1,5 +1,11 @@
-"""The scaling-study library behind ``tools/scaling_study.py``: layouts, the fixed-model check,
-launch commands, per-run summaries, the results table and its plots.
+"""The scaling study: one base config trained on several layouts (node counts, ranks per node,
+expert-parallel degrees, micro-batches), holding the model fixed, into one results table and plots.
+
+    python tools/scaling_study.py --config configs/tiny.yaml --steps 6 \\
+        --layouts "nodes=1,nproc=1,ep=1,micro=16; nodes=1,nproc=2,ep=2,micro=8; nodes=1,nproc=4,ep=4,micro=4"
+    python tools/scaling_study.py --config configs/imagenet256/diffmoe_l_e16.yaml --launcher slurm \\
+        --layouts "nodes=1,nproc=8,ep=8,micro=32; nodes=2,nproc=8,ep=8,micro=16" \\
+        --sbatch-arg=--gpus-per-node=8 --sbatch-arg=--time=01:00:00
 
 A layout is ``nodes=N,nproc=P,ep=E,micro=M`` (world = N*P ranks, micro-batch M per rank, global
 batch = world*M). Optional keys: ``pool=S`` (must equal the base config's moe.pool_samples: the pool
@@ -7,36 +13,49 @@ is part of the model) and dotted config overrides that do not touch the model (`
 ``deepspeed.*``, ``train.precision``), e.g. ``parallel.dedup_tokens=true``.
 
 The model is held fixed across a sweep (DESIGN.md section 2): every layout must realise the same
-moe.pool_samples and the same global batch (unless weak scaling is asked for), checked with
-``config.validate_layout`` before anything runs; a sweep that breaks it is refused with a
-ValueError naming the layout.
+moe.pool_samples and the same global batch (unless --weak-scaling), checked with
+parallel/layout.py's ``layout_from_config`` before anything runs; a sweep that breaks it is refused
+(exit 2) with a ValueError naming the layout. A run that fails is recorded as failed and the sweep
+goes on (exit 1 at the end).
+
+Outputs under --out (default runs/scaling): results.csv, results.md, results.json, scaling.png,
+loss_curves.png, runs/<layout>/ (each run's metrics.jsonl, checkpoints) and runs/<layout>.log.
+See docs/scaling.md.
+
+Shape (as every study): ``ScalingSpec`` + ``plan_sweep`` (what to run, every layout checked first),
+``run_study`` (the runner: each layout is ``python -m diffmoe_dist.train`` / torchrun here, or
+``sbatch --wait launchers/slurm_train.sh`` of the given checkout), scaling_report.py (the report).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
+import argparse
 import os
+import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmoe_dist.config import Config, load_config, validate_layout
+from diffmoe_dist.config import Config, load_config
+from diffmoe_dist.parallel.layout import Layout, layout_from_config
+from diffmoe_dist.studies.common import run_logged, train_command
+from diffmoe_dist.studies.scaling_report import summarize_run, write_report
+
+SLURM_SCRIPT = Path("launchers") / "slurm_train.sh"  # inside the checkout given to the study
 
 LAYOUT_KEYS = ("nodes", "nproc", "ep", "micro")
 # Per-layout overrides allowed: they change how the model is run, never what it computes.
 LAYOUT_OVERRIDE_PREFIXES = ("parallel.", "deepspeed.", "train.precision")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
-class Layout:
+class SweepPoint:
+    """One point of the sweep: where the fixed model runs (not parallel/layout.Layout, the
+    resolved degrees of a run, which plan_sweep derives from it)."""
+
     index: int  # 1-based position in the sweep (for messages)
     nodes: int
     nproc: int  # ranks per node
@@ -64,10 +83,10 @@ class Layout:
         return f"layout {self.index} ({','.join(kv + list(self.overrides))})"
 
 
-def parse_layouts(spec: str) -> list[Layout]:
-    """``"nodes=1,nproc=1,ep=1,micro=16; nodes=1,nproc=2,ep=2,micro=8"`` -> layouts."""
-    out: list[Layout] = []
-    for i, chunk in enumerate([c for c in spec.split(";") if c.strip()], start=1):
+def parse_layouts(text: str) -> list[SweepPoint]:
+    """``--layouts "nodes=1,nproc=1,ep=1,micro=16; nodes=1,nproc=2,ep=2,micro=8"`` -> points."""
+    out: list[SweepPoint] = []
+    for i, chunk in enumerate([c for c in text.split(";") if c.strip()], start=1):
         vals: dict[str, int] = {}
         extra: list[str] = []
         for item in [x.strip() for x in chunk.split(",") if x.strip()]:
@@ -96,7 +115,7 @@ def parse_layouts(spec: str) -> list[Layout]:
         missing = [k for k in LAYOUT_KEYS if k not in vals]
         if missing:
             raise ValueError(f"layout {i} ({chunk.strip()}): missing {', '.join(missing)}")
-        out.append(Layout(i, **vals, overrides=tuple(extra)))  # type: ignore[arg-type]
+        out.append(SweepPoint(i, **vals, overrides=tuple(extra)))  # type: ignore[arg-type]
     if not out:
         raise ValueError("--layouts is empty")
     return out
@@ -104,16 +123,16 @@ def parse_layouts(spec: str) -> list[Layout]:
 
 @dataclass
 class PlannedRun:
-    layout: Layout
+    point: SweepPoint
     cfg: Config
     overrides: list[str]  # --set items for the trainer (run.dir excluded)
     run_dir: Path
-    info: dict[str, int] = field(default_factory=dict)
+    layout: Layout  # the run's resolved degrees (parallel/layout.py), checked while planning
 
 
 def plan_sweep(
     config: str | os.PathLike[str],
-    layouts: list[Layout],
+    layouts: list[SweepPoint],
     out: Path,
     base_overrides: list[str] | None = None,
     steps: int | None = None,
@@ -161,13 +180,13 @@ def plan_sweep(
         ]
         try:
             cfg = load_config(config, ov)
-            info = validate_layout(cfg, lay.world)
+            layout = layout_from_config(cfg, lay.world)
         except ValueError as e:
             raise ValueError(f"{where} cannot realise the model: {e}") from None
         if cfg.moe.pool_samples != P:
             raise ValueError(f"{where} changes moe.pool_samples {P} -> {cfg.moe.pool_samples}")
-        plans.append(PlannedRun(lay, cfg, ov, out / "runs" / lay.name, info))
-    names = [p.layout.name for p in plans]
+        plans.append(PlannedRun(lay, cfg, ov, out / "runs" / lay.name, layout))
+    names = [p.point.name for p in plans]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"layouts repeat: {sorted(dup)}")
@@ -178,269 +197,38 @@ def plan_sweep(
 # commands
 
 
-def _set_args(overrides: list[str]) -> list[str]:
-    return [a for item in overrides for a in ("--set", item)]
-
-
 def local_command(plan: PlannedRun, config: str | os.PathLike[str]) -> list[str]:
     """One node: ``python -m diffmoe_dist.train`` (1 rank) or torchrun --standalone (several)."""
-    lay = plan.layout
-    cmd = [sys.executable]
-    if lay.world > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
-        cmd += [f"--nproc-per-node={lay.nproc}"]
-    cmd += ["-m", "diffmoe_dist.train", "--config", str(config)]
-    return cmd + _set_args([f"run.dir={plan.run_dir}", *plan.overrides])
+    return train_command(config, [f"run.dir={plan.run_dir}", *plan.overrides], plan.point.world)
 
 
 def slurm_command(
-    plan: PlannedRun, config: str | os.PathLike[str], sbatch_args: list[str] | None = None
+    plan: PlannedRun,
+    config: str | os.PathLike[str],
+    checkout: Path,
+    sbatch_args: list[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """``sbatch --wait`` of launchers/slurm_train.sh with its knobs (CONFIG, RUN_DIR, NPROC_PER_NODE)
-    in the environment; returns (command, environment additions). The script adds run.dir itself."""
-    lay = plan.layout
+    """``sbatch --wait`` of ``checkout``'s launchers/slurm_train.sh with its knobs (CONFIG, RUN_DIR,
+    NPROC_PER_NODE, REPO_DIR) in the environment; returns (command, environment additions). The
+    script adds run.dir itself."""
+    pt = plan.point
     cmd = [
         "sbatch",
         "--wait",  # block until the job ends; exit code = the job's
-        f"--nodes={lay.nodes}",
-        f"--job-name=scale-{lay.name}",
+        f"--nodes={pt.nodes}",
+        f"--job-name=scale-{pt.name}",
         f"--output={plan.run_dir}.slurm-%j.out",
         *(sbatch_args or []),
-        str(REPO / "launchers" / "slurm_train.sh"),
-        *_set_args(plan.overrides),
+        str(checkout / SLURM_SCRIPT),
+        *[a for item in plan.overrides for a in ("--set", item)],
     ]
     env = {
         "CONFIG": str(Path(config).resolve()),
         "RUN_DIR": str(plan.run_dir),
-        "NPROC_PER_NODE": str(lay.nproc),
-        "REPO_DIR": str(REPO),
+        "NPROC_PER_NODE": str(pt.nproc),
+        "REPO_DIR": str(checkout),
     }
     return cmd, env
-
-
-def run_one(
-    cmd: list[str], env_extra: dict[str, str], log_path: Path, timeout_s: float
-) -> tuple[int, float, str]:
-    """Run to completion; (returncode, wall seconds, last error line). Timeout -> rc 124."""
-    env = {**os.environ, **env_extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # a driver run under torchrun must not pass its identity on
-    t0 = time.perf_counter()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the session this call started
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            rc = 124
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    # The first "<prog>: error: ..." line is the trainer's own message; else the last error-ish line.
-    err = next((ln for ln in lines if ": error:" in ln), "") or next(
-        (ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else ""
-    )
-    if rc == 124:
-        err = f"timed out after {timeout_s:.0f}s"
-    return rc, wall, err.strip()[:300]
-
-
-# ----------------------------------------------------------------------------------------------------
-# results
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _mean(v: list[float]) -> float | None:
-    v = [x for x in v if x is not None and math.isfinite(x)]
-    return sum(v) / len(v) if v else None
-
-
-def summarize_run(plan: PlannedRun, warmup: int = 1) -> dict[str, Any]:
-    """Numbers of one finished run from its metrics.jsonl (the first ``warmup`` steps skipped for
-    throughput and timing, when more remain)."""
-    recs = read_metrics(plan.run_dir)
-    lay = plan.layout
-    row: dict[str, Any] = {
-        "layout": lay.name,
-        "nodes": lay.nodes,
-        "nproc": lay.nproc,
-        "world": lay.world,
-        "ep": lay.ep,
-        "micro": lay.micro,
-        "global_batch": lay.global_batch,
-        "pool_samples": plan.cfg.moe.pool_samples,
-        "pool_span": plan.info.get("pool_span", 1),
-    }
-    if not recs:
-        return row
-    timed = recs[warmup:] if len(recs) > warmup else recs
-    sps = _mean([r.get("samples_per_s") for r in timed])
-    row["samples_per_s"] = sps
-    row["samples_per_s_per_rank"] = sps / lay.world if sps else None
-    row["tflops_per_rank"] = _mean([r.get("tflops_per_rank") for r in timed])
-    row["mfu"] = _mean([r.get("mfu") for r in timed])
-    step = _mean([r.get("step_time_s") for r in timed])
-    row["step_time_ms"] = step * 1e3 if step is not None else None
-    row["a2a_share"] = _mean([r.get("a2a_share") for r in timed])
-    mem = [r["peak_mem_mb"] for r in recs if r.get("peak_mem_mb") is not None]
-    row["peak_mem_mb"] = max(mem) if mem else None
-    row["load_skew"] = _mean([r.get("expert_load_skew") for r in recs])
-    row["final_loss"] = recs[-1].get("loss")
-    row["losses"] = {int(r["step"]): r["loss"] for r in recs if "loss" in r}
-    return row
-
-
-def finish_table(rows: list[dict[str, Any]]) -> None:
-    """Scaling efficiency and loss agreement against the smallest successful layout (in place).
-
-    efficiency = (samples/s per rank) / (samples/s per rank of the baseline): 1.0 is linear
-    scaling under a fixed global batch (strong scaling).
-    """
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("samples_per_s_per_rank")]
-    if not ok:
-        return
-    base = min(ok, key=lambda r: (r["world"], rows.index(r)))
-    for r in rows:
-        if r in ok:
-            r["scaling_eff"] = r["samples_per_s_per_rank"] / base["samples_per_s_per_rank"]
-        if r.get("losses") and base.get("losses"):
-            common = set(r["losses"]) & set(base["losses"])
-            if common:
-                r["max_loss_diff"] = max(abs(r["losses"][s] - base["losses"][s]) for s in common)
-    for r in rows:
-        r["baseline"] = base["layout"]
-
-
-COLUMNS = (
-    "layout",
-    "status",
-    "nodes",
-    "nproc",
-    "world",
-    "ep",
-    "micro",
-    "global_batch",
-    "pool_samples",
-    "pool_span",
-    "samples_per_s",
-    "samples_per_s_per_rank",
-    "scaling_eff",
-    "tflops_per_rank",
-    "mfu",
-    "step_time_ms",
-    "a2a_share",
-    "peak_mem_mb",
-    "load_skew",
-    "final_loss",
-    "max_loss_diff",
-    "wall_s",
-    "returncode",
-    "error",
-)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """results.csv and results.md (one row per layout, failed ones included) + results.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "results.csv", out / "results.md"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = [_fmt(r.get(k)).replace("|", "/") for k in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    base = next((r.get("baseline") for r in rows if r.get("baseline")), None)
-    notes = [
-        "",
-        f"scaling_eff: samples/s per rank relative to {base or 'the smallest successful layout'} "
-        "(1.0 = linear). a2a_share: time in the expert dispatcher's collectives / step time, "
-        "mean over ranks. peak_mem_mb: max over ranks (GPU: max_memory_allocated, CPU: peak RSS). "
-        "tflops_per_rank / mfu: model FLOPs (diffmoe_dist/models/flops.py). load_skew: max/mean tokens per "
-        "expert (max over layers). max_loss_diff: largest |loss - baseline loss| over steps "
-        "(the model is held fixed, so this is float rounding).",
-    ]
-    md_path.write_text("\n".join(lines + notes) + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
-    return csv_path, md_path
-
-
-def plot_study(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """scaling.png (five panels, one bar per layout) and loss_curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    names = [r["layout"] for r in rows]
-    panels = (
-        ("samples_per_s_per_rank", "samples/s per rank"),
-        ("scaling_eff", "scaling efficiency"),
-        ("a2a_share", "all-to-all share of step time"),
-        ("peak_mem_mb", "peak memory per rank (MiB)"),
-        ("load_skew", "expert-load skew (max/mean)"),
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
-        colors = ["tab:blue" if r.get("status") == "ok" else "tab:red" for r in rows]
-        ax.bar(range(len(rows)), vals, color=colors)
-        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
-        for i, r in enumerate(rows):
-            if r.get("status") != "ok":
-                ax.text(i, 0, "failed", rotation=90, color="tab:red", ha="center", va="bottom")
-        ax.set_title(title, fontsize=9)
-        if key == "scaling_eff":
-            ax.axhline(1.0, color="gray", linestyle=":")
-    fig.suptitle("scaling study (red: failed)", fontsize=10)
-    fig.tight_layout()
-    paths = [out / "scaling.png"]
-    fig.savefig(paths[0], dpi=90)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r in rows:
-        if r.get("losses"):
-            steps = sorted(r["losses"])
-            ax.plot(steps, [r["losses"][s] for s in steps], marker=".", label=r["layout"])
-    ax.set(xlabel="step", ylabel="loss", title="loss per layout (should overlap)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "loss_curves.png")
-    fig.savefig(paths[1], dpi=90)
-    plt.close(fig)
-    return paths
 
 
 def prepare_run_dir(plan: PlannedRun, overwrite: bool) -> None:
@@ -453,3 +241,163 @@ def prepare_run_dir(plan: PlannedRun, overwrite: bool) -> None:
                 "or choose another --out"
             )
         shutil.rmtree(d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# spec and runner
+
+
+@dataclass
+class ScalingSpec:
+    """One scaling study; the command line maps onto it. Paths are taken as given (absolute after
+    ``__post_init__``); nothing is looked up inside a repository."""
+
+    config: Path  # the base config (YAML)
+    points: list[SweepPoint]
+    out: Path = Path("runs/scaling")
+    overrides: tuple[str, ...] = ()  # --set for every layout (may change the model: for all)
+    steps: int | None = None  # None: the config's train.steps
+    launcher: str = "local"  # local | slurm
+    weak_scaling: bool = False
+    warmup: int = 1  # logged steps left out of the timings
+    timeout_s: float = 3600.0  # per run
+    sbatch_args: tuple[str, ...] = ()
+    overwrite: bool = False
+    checkout: Path | None = None  # slurm: the repository whose launchers/slurm_train.sh submits
+    log: Callable[[str], None] = field(default=print, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config, self.out = Path(self.config).resolve(), Path(self.out).resolve()
+        if self.launcher == "slurm":
+            self.checkout = Path(self.checkout or Path.cwd()).resolve()
+            if not (self.checkout / SLURM_SCRIPT).is_file():
+                raise ValueError(
+                    f"--launcher slurm submits {SLURM_SCRIPT} of the repository checkout, and "
+                    f"{self.checkout} has none: run from the repository root, or use "
+                    "tools/scaling_study.py (it passes its own checkout)"
+                )
+        if self.warmup < 0 or self.timeout_s <= 0:
+            raise ValueError(f"--warmup {self.warmup} must be >= 0, --timeout {self.timeout_s} > 0")
+
+    def plan(self) -> list[PlannedRun]:
+        return plan_sweep(
+            self.config,
+            self.points,
+            self.out,
+            list(self.overrides),
+            self.steps,
+            self.launcher,
+            self.weak_scaling,
+        )
+
+    def command(self, plan: PlannedRun) -> tuple[list[str], dict[str, str]]:
+        """The command that runs one layout and the environment it adds."""
+        if self.launcher == "slurm":
+            assert self.checkout is not None  # __post_init__
+            return slurm_command(plan, self.config, self.checkout, list(self.sbatch_args))
+        env = {}
+        if "OMP_NUM_THREADS" not in os.environ:  # the ranks share this machine's cores
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.point.world))
+        return local_command(plan, self.config), env
+
+
+def run_study(spec: ScalingSpec, plans: list[PlannedRun]) -> list[dict[str, Any]]:
+    """Run every planned layout, one after another; one row per layout, failed ones included."""
+    rows = []
+    for plan in plans:
+        pt = plan.point
+        cmd, env = spec.command(plan)
+        spec.log(f"scaling_study: {pt.describe()} -> {plan.run_dir}")
+        res = run_logged(cmd, plan.run_dir.with_suffix(".log"), env, spec.timeout_s)
+        row = summarize_run(plan, spec.warmup)
+        ok = res.returncode == 0 and (plan.run_dir / "final.json").is_file()
+        row.update(
+            status="ok" if ok else "failed", returncode=res.returncode, wall_s=round(res.wall_s, 1)
+        )
+        if not ok:
+            row["error"] = res.error or "no final.json"
+            spec.log(f"scaling_study: {pt.describe()} FAILED (rc {res.returncode}): {row['error']}")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scaling_study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--config", required=True, help="base config (YAML)")
+    p.add_argument("--layouts", required=True, help='"nodes=1,nproc=1,ep=1,micro=16; ..."')
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    p.add_argument("--steps", type=int, help="training steps per layout (default: the config's)")
+    p.add_argument("--out", type=Path, default=Path("runs/scaling"))
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every layout (the model may change here: it does for all)",
+    )
+    p.add_argument("--warmup", type=int, default=1, help="logged steps left out of timings (1)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run (3600)")
+    p.add_argument(
+        "--weak-scaling",
+        action="store_true",
+        help="allow the global batch to differ between layouts (pool still fixed)",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra sbatch argument, e.g. --sbatch-arg=--gpus-per-node=8",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing run directories")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, checkout: Path | None = None) -> int:
+    """Exit code: 0 when every layout ran, 1 when some failed, 2 when the sweep was refused.
+    ``checkout``: the repository for --launcher slurm (default: the current directory)."""
+    args = parse_args(argv)
+    try:
+        spec = ScalingSpec(
+            config=args.config,
+            points=parse_layouts(args.layouts),
+            out=args.out,
+            overrides=tuple(args.overrides),
+            steps=args.steps,
+            launcher=args.launcher,
+            weak_scaling=args.weak_scaling,
+            warmup=args.warmup,
+            timeout_s=args.timeout,
+            sbatch_args=tuple(args.sbatch_arg),
+            overwrite=args.overwrite,
+            checkout=checkout,
+            log=lambda msg: print(msg, flush=True),
+        )
+        plans = spec.plan()
+        if args.dry_run:
+            for plan in plans:
+                cmd, env = spec.command(plan)
+                print(" ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join(cmd)]))
+            return 0
+        for plan in plans:
+            prepare_run_dir(plan, spec.overwrite)
+    except (ValueError, OSError) as e:
+        print(f"scaling_study: refused: {e}", file=sys.stderr)
+        return 2
+    rows = run_study(spec, plans)
+    md_path = write_report(rows, spec.out)
+    print(md_path.read_text())
+    print(f"scaling_study: wrote {spec.out / 'results.csv'}, {md_path}, {spec.out / 'scaling.png'}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,10 @@ Writes <out>/sweep.md (Markdown table), sweep.json and sweep.png (quality vs C_i
 
 Every setting samples the same labels from the same noise (sample.seed), so rows differ only in the
 inference rule.
+
+Shape (as every study): ``SweepSpec`` (what to run, checked before any sampling), ``run_sweep`` (the
+runner: every rank samples every setting through the inference API, in this process, so the sweep
+runs under torchrun like ``diffmoe-sample``), ``write_report`` (sweep.json, sweep.md, sweep.png).
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from diffmoe_dist.parallel.distributed import cleanup, init_distributed  # noqa: E402
-from diffmoe_dist.sample import (  # noqa: E402
+from diffmoe_dist.parallel.distributed import cleanup, init_distributed
+from diffmoe_dist.sample import (
     class_labels,
     load_sampling_config,
     output_dir,
@@ -32,24 +35,18 @@ from diffmoe_dist.sample import (  # noqa: E402
     resolve_with_config,
     sample_from_checkpoint,
 )
+from diffmoe_dist.studies.common import markdown_table, write_json, write_text_atomic
+
+DEFAULT_GAMMAS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 
 
-def settings(gammas: list[float], static_capacity: float) -> list[tuple[str, list[str]]]:
-    """(row name, --set overrides) in table order: dynamic, each gamma, static."""
-    rows = [("dynamic (learned)", ["moe.infer_mode=dynamic"])]
-    rows += [(f"gamma={g:g}", ["moe.infer_mode=gamma", f"moe.gamma={g}"]) for g in gammas]
-    rows.append(
-        (
-            f"static (C={static_capacity:g})",
-            ["moe.infer_mode=static", f"moe.infer_capacity={static_capacity}"],
-        )
-    )
-    return rows
+# ----------------------------------------------------------------------------------------------------
+# spec
 
 
-def parse_gammas(text: str) -> list[float]:
+def parse_gammas(text: str) -> tuple[float, ...]:
     try:
-        gammas = [float(v) for v in text.split(",") if v.strip()]
+        gammas = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as e:
         raise ValueError(f"--gammas must be comma-separated numbers, got {text!r}") from e
     bad = [g for g in gammas if not 0.0 < g < 1.0]
@@ -58,37 +55,64 @@ def parse_gammas(text: str) -> list[float]:
     return gammas
 
 
-def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
-    """Every rank runs every setting; rank 0 returns the rows (others None)."""
-    gammas = parse_gammas(args.gammas)
-    ckpt, base = resolve_with_config(args.run_dir, args.checkpoint, args.set)
+@dataclass(frozen=True)
+class SweepSpec:
+    """One threshold sweep; the command line maps onto it."""
+
+    run_dir: str | None = None  # the run's latest checkpoint ...
+    checkpoint: str | None = None  # ... or this one
+    gammas: tuple[float, ...] = parse_gammas(DEFAULT_GAMMAS)
+    static_capacity: float = 1.0
+    out: str | None = None  # None: <run>/sweep (a --checkpoint outside a run must name one)
+    vae: str | None = None  # local AutoencoderKL directory (latents runs)
+    ref: str | None = None  # FID reference .npz (latents runs)
+    inception: str | None = None  # local Inception weights (with ref)
+    overrides: tuple[str, ...] = ()  # --set for every setting
+
+    def settings(self) -> list[tuple[str, list[str]]]:
+        """(row name, --set overrides) in table order: dynamic, each gamma, static."""
+        rows = [("dynamic (learned)", ["moe.infer_mode=dynamic"])]
+        rows += [(f"gamma={g:g}", ["moe.infer_mode=gamma", f"moe.gamma={g}"]) for g in self.gammas]
+        c = self.static_capacity
+        rows.append((f"static (C={c:g})", ["moe.infer_mode=static", f"moe.infer_capacity={c}"]))
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# runner
+
+
+def run_sweep(spec: SweepSpec) -> list[dict[str, Any]] | None:
+    """Every rank runs every setting; rank 0 returns the rows (others None). Bad input raises
+    ValueError before any process group exists."""
+    ckpt, base = resolve_with_config(spec.run_dir, spec.checkpoint, list(spec.overrides))
     if base.moe.mode != "diffmoe" or not base.moe.predictor:
         raise ValueError(
             f"{ckpt}: a threshold sweep needs moe.mode=diffmoe with moe.predictor=true, "
             f"got mode={base.moe.mode} predictor={base.moe.predictor}"
         )
     digits = base.data.name == "digits"
-    if args.ref and digits:
+    if spec.ref and digits:
         raise ValueError(
             "--ref (FID) needs RGB samples; digits runs are scored by the digits judge"
         )
-    if bool(args.ref) != bool(args.inception):
+    if bool(spec.ref) != bool(spec.inception):
         raise ValueError("FID needs both --ref and --inception")
-    if args.ref:
+    if spec.ref:
         from diffmoe_dist.quality.fid import check_paths
 
-        check_paths(args.ref, args.inception)
+        check_paths(spec.ref, spec.inception)
     labels = class_labels(base, None)
     info = init_distributed(base.parallel.backend, base.parallel.timeout_s)
     judge: Any = None
     rows: list[dict[str, Any]] = []
     first = True
-    for name, extra in settings(gammas, args.static_capacity):
-        cfg = load_sampling_config(ckpt, [*args.set, *extra])
+    for name, extra in spec.settings():
+        cfg = load_sampling_config(ckpt, [*spec.overrides, *extra])
         # One checkpoint for every row: a live run's pruned checkpoint is replaced only before the
         # first row (follow_latest), later rows use the one the first row loaded.
         images, report = sample_from_checkpoint(
-            cfg, ckpt, labels, info, args.vae, follow_latest=not args.checkpoint and first
+            cfg, ckpt, labels, info, spec.vae, follow_latest=not spec.checkpoint and first
         )
         ckpt, first = Path(report["checkpoint"]), False
         if images is None:
@@ -106,14 +130,18 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]] | None:
 
             judge = judge or DigitsJudge.load_or_fit()
             row.update(judge.evaluate(images, labels.numpy()))
-        elif args.ref:
+        elif spec.ref:
             from diffmoe_dist.quality.fid import FIDScorer
 
-            judge = judge or FIDScorer(args.ref, args.inception, info.device)
+            judge = judge or FIDScorer(spec.ref, spec.inception, info.device)
             row.update(judge.score(images, cfg.sample.num_samples))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "c_infer_per_layer"}), flush=True)
     return rows if info.rank == 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
 
 
 QUALITY = [  # (key, column title, lower is better)
@@ -128,16 +156,14 @@ QUALITY = [  # (key, column title, lower is better)
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     cols = [(k, t) for k, t, _ in QUALITY if any(r.get(k) is not None for r in rows)]
-    lines = [
-        f"### {title}",
-        "",
-        "| threshold | C_infer |" + "".join(f" {t} |" for _, t in cols),
-        "| --- | --- |" + " --- |" * len(cols),
+    cells = [
+        [r["setting"], f"{r['c_infer']:.3f}"]
+        + [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k, _ in cols]
+        for r in rows
     ]
-    for r in rows:
-        vals = [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k, _ in cols]
-        lines.append(f"| {r['setting']} | {r['c_infer']:.3f} |" + "".join(f" {v} |" for v in vals))
-    return "\n".join(lines) + "\n"
+    return f"### {title}\n\n" + markdown_table(
+        ["threshold", "C_infer", *(t for _, t in cols)], cells
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -152,11 +178,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, (k, t, low) in zip(axes[0], keys):
         for r in rows:
-            style = (
-                "o"
-                if r["infer_mode"] == "gamma"
-                else ("*" if r["infer_mode"] == "dynamic" else "s")
-            )
+            style = {"gamma": "o", "dynamic": "*"}.get(r["infer_mode"], "s")
             ax.plot(r["c_infer"], r[k], style, ms=9 if style == "*" else 6)
             ax.annotate(r["setting"], (r["c_infer"], r[k]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
@@ -172,7 +194,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_report(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
+    """sweep.json, sweep.md and sweep.png under ``out``; returns the .md."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", rows)
+    write_text_atomic(out / "sweep.md", markdown(rows, title))
+    plot(rows, out / "sweep.png", title)
+    return out / "sweep.md"
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None) -> SweepSpec:
     p = argparse.ArgumentParser(
         prog="threshold_sweep",
         description=__doc__,
@@ -180,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run-dir")
     p.add_argument("--checkpoint")
-    p.add_argument("--gammas", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--gammas", default=DEFAULT_GAMMAS)
     p.add_argument("--static-capacity", type=float, default=1.0)
     p.add_argument(
         "--out",
@@ -192,29 +227,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception", help="local Inception weights .pth (with --ref)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    return SweepSpec(
+        run_dir=args.run_dir,
+        checkpoint=args.checkpoint,
+        gammas=parse_gammas(args.gammas),
+        static_capacity=args.static_capacity,
+        out=args.out,
+        vae=args.vae,
+        ref=args.ref,
+        inception=args.inception,
+        overrides=tuple(args.set),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    md: Path | None = None
     try:
-        if args.checkpoint and not args.out:  # refused before the sweep's work, not after it
-            output_dir(Path(args.checkpoint), None, "sweep")
-        rows = sweep(args)
-        if rows is None:
-            return 0
-        ckpt = (
-            Path(rows[0]["checkpoint"])
-            if rows
-            else resolve_checkpoint(args.run_dir, args.checkpoint)
-        )
-        out = output_dir(ckpt, args.out, "sweep")
-        out.mkdir(parents=True, exist_ok=True)
-        title = f"threshold sweep: {ckpt}"
-        (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-        (out / "sweep.md").write_text(markdown(rows, title))
-        plot(rows, out / "sweep.png", title)
+        spec = parse_args(argv)
+        if spec.checkpoint and not spec.out:  # refused before the sweep's work, not after it
+            output_dir(Path(spec.checkpoint), None, "sweep")
+        rows = run_sweep(spec)
+        if rows is not None:
+            ckpt = (
+                Path(rows[0]["checkpoint"])
+                if rows
+                else resolve_checkpoint(spec.run_dir, spec.checkpoint)
+            )
+            md = write_report(rows, output_dir(ckpt, spec.out, "sweep"), f"threshold sweep: {ckpt}")
     except ValueError as e:
         print(f"threshold_sweep: error: {e}", file=sys.stderr)
         return 2
     finally:
         cleanup()
-    print((out / "sweep.md").read_text(), flush=True)
+    if md is not None:
+        print(md.read_text(), flush=True)
     return 0
 
 

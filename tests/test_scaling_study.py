@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from helpers_run import REPO, TINY, _env, losses
 
 from diffmoe_dist.config import load_config
 from diffmoe_dist.models.flops import train_flops_per_sample
+from diffmoe_dist.studies.common import PACKAGE_ROOT, run_logged
 from diffmoe_dist.studies.scaling_study import (
     ScalingSpec,
     SweepPoint,
@@ -149,3 +151,44 @@ def test_dry_run_prints_commands(tmp_path: Path) -> None:
     assert len(lines) == 2 and "-m diffmoe_dist.train" in lines[0]
     assert "torch.distributed.run" not in lines[0] and "--nproc-per-node=2" in lines[1]
     assert "parallel.ep=2" in lines[1] and not (tmp_path / "dry").exists()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a killed process waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_run_logged_timeout_kills_every_process_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The studies' launcher (studies/common.py), caused rather than mocked: a run past its timeout
+    is killed with the process it started (as torchrun's workers), rc 124; a failed run reports its
+    own "error:" line; the child sees no launcher identity and this package first on its path."""
+    pidfile = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)"
+    )
+    out = run_logged([sys.executable, "-c", code], tmp_path / "slow.log", timeout_s=3)
+    assert out.returncode == 124 and out.error == "timed out after 3s"
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild), "the run's own child outlived the timeout"
+
+    monkeypatch.setenv("RANK", "3")
+    code = (
+        "import os, sys; print(os.environ.get('RANK'), os.environ['PYTHONPATH']); "
+        "print('x: error: bad --flag 7', file=sys.stderr); sys.exit(2)"
+    )
+    out = run_logged([sys.executable, "-c", code], tmp_path / "fail.log", {"A": "1"})
+    assert out.returncode == 2 and out.error == "x: error: bad --flag 7"
+    env_line = out.log.read_text().splitlines()[1]
+    assert env_line.split()[0] == "None" and env_line.split()[1].startswith(str(PACKAGE_ROOT))
+    with pytest.raises(RuntimeError, match=r"rc 2(.|\n)*bad --flag 7"):
+        out.check()

@@ -19,10 +19,18 @@ from typing import Any
 
 import yaml
 
-ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
-INFER_MODES = ("static", "dynamic", "gamma", "independent")
-SAMPLERS = ("euler", "heun", "dopri5", "sde", "ddpm", "ddim")  # flow: the first 4; ddpm: the last 2
-OBJECTIVES = ("flow", "ddpm")
+# The names each choice accepts are defined once, where the choice is implemented; this module
+# imports them (and none of these modules imports config.py at run time).
+from diffmoe_dist.models.moe import INFER_RULES, PREDICTOR_RULES, ROUTING_MODES
+from diffmoe_dist.models.registry import preset
+from diffmoe_dist.parallel.groups import GROUP_SOURCES
+from diffmoe_dist.parallel.layout import check_experts, layout_from_config
+from diffmoe_dist.parallel.numerics import SAMPLE_PRECISIONS
+from diffmoe_dist.transport.cfg import POOL_MODES
+from diffmoe_dist.transport.ddpm import DDPM_NUM_TIMESTEPS, DDPM_SAMPLERS
+from diffmoe_dist.transport.objective import OBJECTIVES
+from diffmoe_dist.transport.samplers import FLOW_SAMPLERS
+
 LATENT_VERIFY_MODES = ("auto", "always", "never")  # data.verify, see data/latents.py
 
 
@@ -321,12 +329,11 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     data = data or {}
-    # A registry name (model.name) applies first, so every other key (model.*, moe.*) overrides it.
+    # A registry name (model.name) lies under the given keys, so every other key (model.*, moe.*)
+    # overrides it.
     name = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
     if name:
-        from diffmoe_dist.models.registry import apply_preset
-
-        apply_preset(cfg, str(name))
+        data = merge_dicts(preset(str(name)), data)
     _apply(cfg, data)
     return cfg
 
@@ -438,16 +445,14 @@ def validate(cfg: Config) -> None:
             )
     if moe.pool_samples < 1:
         raise ValueError(f"moe.pool_samples={moe.pool_samples}; must be >= 1")
-    _choice(moe.infer_mode, INFER_MODES, "moe.infer_mode")
+    _choice(moe.infer_mode, INFER_RULES, "moe.infer_mode")
     if not 0.0 <= moe.threshold_decay < 1.0:
         raise ValueError(f"moe.threshold_decay={moe.threshold_decay}; must be in [0, 1)")
     if not 0.0 < moe.gamma < 1.0:
         raise ValueError(f"moe.gamma={moe.gamma}; must be a probability in (0, 1)")
     _positive(moe.cp_loss_weight, "moe.cp_loss_weight", strict=False)
     _positive(moe.balance_loss_weight, "moe.balance_loss_weight", strict=False)
-    if moe.infer_mode in ("dynamic", "gamma", "independent") and not (
-        moe.mode == "diffmoe" and moe.predictor
-    ):
+    if moe.infer_mode in PREDICTOR_RULES and not (moe.mode == "diffmoe" and moe.predictor):
         raise ValueError(
             f"moe.infer_mode={moe.infer_mode!r} needs the capacity predictor "
             f"(moe.mode='diffmoe' and moe.predictor=true; got mode={moe.mode!r}, predictor={moe.predictor})"
@@ -501,17 +506,15 @@ def validate(cfg: Config) -> None:
     p = cfg.parallel
     if p.ep < 1:
         raise ValueError(f"parallel.ep={p.ep}; must be >= 1")
-    from diffmoe_dist.parallel.layout import check_experts  # the layout's own check, at load time
-
     check_experts(p.ep, moe.num_experts if moe.mode != "dense" else 0)
-    _choice(p.groups, ("torch", "deepspeed", "megatron"), "parallel.groups")
+    _choice(p.groups, GROUP_SOURCES, "parallel.groups")
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _positive(p.timeout_s, "parallel.timeout_s")
     _positive(p.ckpt_timeout_s, "parallel.ckpt_timeout_s")
     s = cfg.sample
-    _choice(s.sampler, SAMPLERS, "sample.sampler")
-    _choice(s.cfg_pool, ("auto", "joint", "separate"), "sample.cfg_pool")
-    _choice(s.precision, ("auto", "bf16", "tf32", "fp32"), "sample.precision")
+    _choice(s.sampler, FLOW_SAMPLERS + DDPM_SAMPLERS, "sample.sampler")
+    _choice(s.cfg_pool, ("auto", *POOL_MODES), "sample.cfg_pool")
+    _choice(s.precision, SAMPLE_PRECISIONS, "sample.precision")
     for key in ("num_steps", "num_samples", "batch_size"):
         _positive(getattr(s, key), f"sample.{key}")
     _choice(cfg.objective, OBJECTIVES, "objective")
@@ -532,9 +535,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_objective(cfg: Config) -> None:
     """The sampler must belong to the objective; a DDPM respacing must fit its training steps."""
-    from diffmoe_dist.transport.ddpm import DDPM_NUM_TIMESTEPS
-    from diffmoe_dist.transport.objective import DDPM_SAMPLERS, FLOW_SAMPLERS
-
     s = cfg.sample
     allowed = DDPM_SAMPLERS if cfg.objective == "ddpm" else FLOW_SAMPLERS
     if s.sampler not in allowed:
@@ -553,8 +553,6 @@ def _validate_objective(cfg: Config) -> None:
 def validate_layout(cfg: Config, world_size: int) -> dict[str, int]:
     """The layout's numbers (world_size, ep, dp, micro_batch, pool_span) as a dict; ValueError with
     every number when it cannot be laid out. The checks live in parallel/layout.py (their one home)."""
-    from diffmoe_dist.parallel.layout import layout_from_config
-
     lay = layout_from_config(cfg, world_size)
     return {
         "world_size": lay.world_size,

@@ -6,8 +6,6 @@ import argparse
 import logging
 import sys
 
-from diffmoe_dist.config import load_config
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffmoe-train", description=__doc__)
@@ -28,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffmoe_dist.trainer import preemption
 
     preemption.install()
+    from diffmoe_dist.config import load_config  # imports torch (the choices' home modules)
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

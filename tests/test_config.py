@@ -309,3 +309,35 @@ def test_preset_then_explicit_keys_override(tmp_path: Path) -> None:
 def test_unknown_model_name() -> None:
     with pytest.raises(ValueError, match=r"model\.name.*DiffMoE-M-E16"):
         load_config(None, ["model.name=DiffMoE-M-E16"])
+
+
+# --------------------------------------------------------------------------------------------------
+# every choice's names are written once, where the choice is implemented
+
+
+def test_config_accepts_exactly_the_implemented_choices() -> None:
+    from diffmoe_dist.models.moe import INFER_RULES, ROUTING_MODES
+    from diffmoe_dist.parallel.groups import GROUP_SOURCES
+    from diffmoe_dist.transport.ddpm import DDPM_SAMPLERS
+    from diffmoe_dist.transport.samplers import FLOW_SAMPLERS
+
+    for mode in ROUTING_MODES:
+        assert load_config(None, [f"moe.mode={mode}"]).moe.mode == mode
+    pred = ["moe.mode=diffmoe", "moe.predictor=true"]
+    for rule in INFER_RULES:
+        assert load_config(None, [*pred, f"moe.infer_mode={rule}"]).moe.infer_mode == rule
+    for source in GROUP_SOURCES:
+        assert load_config(None, [f"parallel.groups={source}"]).parallel.groups == source
+    for sampler in FLOW_SAMPLERS:
+        assert load_config(None, [f"sample.sampler={sampler}"]).sample.sampler == sampler
+    for sampler in DDPM_SAMPLERS:
+        cfg = load_config(None, ["objective=ddpm", f"sample.sampler={sampler}"])
+        assert cfg.sample.sampler == sampler
+    for key, bad in [
+        ("moe.mode", "topk"),
+        ("moe.infer_mode", "greedy"),
+        ("parallel.groups", "nccl"),
+        ("sample.sampler", "rk4"),
+    ]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            load_config(None, [*pred, f"{key}={bad}"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffmoe_dist.transport import (
-    SAMPLER_NAMES,
+    FLOW_SAMPLERS,
     RectifiedFlow,
     cfg_velocity_fn,
     flow_matching_loss,
@@ -246,7 +246,7 @@ def test_sampler_bad_input() -> None:
     z0 = noise(2)
     with pytest.raises(ValueError, match=r"'euler', 'heun', 'dopri5', 'sde'.*'rk4'"):
         sample("rk4", gaussian_velocity, z0, num_steps=4)
-    assert SAMPLER_NAMES == ("euler", "heun", "dopri5", "sde")
+    assert FLOW_SAMPLERS == ("euler", "heun", "dopri5", "sde")
     for fn in (sample_euler, sample_heun, sample_euler_maruyama):
         with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 0"):
             fn(gaussian_velocity, z0, 0)

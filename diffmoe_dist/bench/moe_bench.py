@@ -38,10 +38,9 @@ import torch.nn.functional as F
 
 from diffmoe_dist.bench.common import check_cases
 from diffmoe_dist.models.flops import peak_bf16_flops
-from diffmoe_dist.models.moe import FeedForward, LocalDispatcher, MoELayer
+from diffmoe_dist.models.moe import MOE_MODES, FeedForward, LocalDispatcher, MoELayer
 
 TOKENS_PER_IMAGE = 256  # 32x32x4 latents, patch 2
-MOE_MODES = ("tc", "ec", "diffmoe")
 REQUIRED_KEYS = (
     "mode",
     "width",

@@ -1,7 +1,13 @@
-"""The model as if there were one device: no torch.distributed in this package."""
+"""The model as if there were one device: no torch.distributed in this package.
 
-from diffmoe_dist.models.dit import DiffMoE
-from diffmoe_dist.models.moe import LocalDispatcher, MoELayer, MoEStats, StackedExperts
-from diffmoe_dist.models.params import count_params
+    dit.py          DiffMoE: the DiT backbone with an MoE FFN in every other block
+    blocks.py       adaLN-Zero DiT block (dense FFN or MoE), final layer
+    embeddings.py   patch, timestep, label (null class), 2D sin-cos positions
+    moe.py          router, routing modes, capacity predictor, stacked experts, local dispatcher
+    routing.py      top-k / k-th largest / token choice primitives
+    registry.py     named sizes (DiffMoE-S/B/L/XL-E*, Dense-DiT-*, TC/EC-DiT) as config sections
+    params.py, flops.py, capacity_schedule.py
 
-__all__ = ["DiffMoE", "LocalDispatcher", "MoELayer", "MoEStats", "StackedExperts", "count_params"]
+Import the submodules directly; this package imports nothing, so that config.py can import the
+routing names of moe.py and the registry without pulling in dit.py (which imports config.py).
+"""

@@ -37,8 +37,13 @@ import torch.nn.functional as F
 
 from diffmoe_dist.models.routing import capacity_k, kth_largest, token_choice, topk_mask
 
-ROUTING_MODES = ("dense", "tc", "ec", "diffmoe")
-INFER_RULES = ("static", "dynamic", "gamma", "independent")
+# The names of the layer's choices, defined here once (config.py, the benchmarks and the studies
+# import them). Routing modes (config moe.mode): dense, or one of the modes with a router and experts.
+MOE_MODES = ("tc", "ec", "diffmoe")
+ROUTING_MODES = ("dense", *MOE_MODES)
+# Inference rules (config moe.infer_mode): static top-k, or a rule that reads the capacity predictor.
+PREDICTOR_RULES = ("dynamic", "gamma", "independent")
+INFER_RULES = ("static", *PREDICTOR_RULES)
 
 
 class FeedForward(nn.Module):

@@ -2,11 +2,9 @@
 integer steps, t = 0 nearly data). objective.py is the one interface the trainer and sampler use."""
 
 from .cfg import GuidedVelocity, cfg_velocity_fn
-from .ddpm import DDPM_NUM_TIMESTEPS, GaussianDiffusion, space_timesteps
+from .ddpm import DDPM_NUM_TIMESTEPS, DDPM_SAMPLERS, GaussianDiffusion, space_timesteps
 from .loss import ModelFn, flow_matching_loss, flow_matching_mse
 from .objective import (
-    DDPM_SAMPLERS,
-    FLOW_SAMPLERS,
     OBJECTIVES,
     DDPMObjective,
     FlowObjective,
@@ -18,7 +16,7 @@ from .objective import (
 from .path import RectifiedFlow, expand_time
 from .samplers import (
     DIFFUSION_FORMS,
-    SAMPLER_NAMES,
+    FLOW_SAMPLERS,
     SampleOutput,
     VelocityFn,
     sample,
@@ -42,7 +40,6 @@ __all__ = [
     "get_objective",
     "model_out_channels",
     "space_timesteps",
-    "SAMPLER_NAMES",
     "GuidedVelocity",
     "ModelFn",
     "RectifiedFlow",

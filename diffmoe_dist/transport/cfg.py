@@ -32,7 +32,7 @@ sampling batch (then the whole batch is one pool: B samples or 2B).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -41,8 +41,10 @@ from .loss import ModelFn
 
 __all__ = ["GuidedVelocity", "cfg_velocity_fn"]
 
+# How the conditional and unconditional halves share a routing pool (config sample.cfg_pool, besides
+# "auto"): defined here once.
 PoolMode = Literal["joint", "separate"]
-POOL_MODES = ("joint", "separate")
+POOL_MODES: tuple[str, ...] = get_args(PoolMode)
 
 
 class GuidedVelocity:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "DDPM_NUM_TIMESTEPS",
+    "DDPM_SAMPLERS",
     "GaussianDiffusion",
     "discretized_gaussian_log_likelihood",
     "linear_betas",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 DDPM_NUM_TIMESTEPS = 1000
+# The DDPM samplers, by config name (sample.sampler under objective ddpm): ancestral (respaced,
+# GaussianDiffusion.sample_ancestral) and DDIM with eta 0 (sample_ddim). Defined here once.
+DDPM_SAMPLERS = ("ddpm", "ddim")
 BETA_START, BETA_END = 1e-4, 0.02
 
 # model_fn(x_t [B, C, ...], model_t [B] long) -> [B, 2C, ...] (eps, variance values)

@@ -22,18 +22,16 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from .ddpm import DDPM_NUM_TIMESTEPS, GaussianDiffusion
+from .ddpm import DDPM_NUM_TIMESTEPS, DDPM_SAMPLERS, GaussianDiffusion
 from .loss import flow_matching_mse
 from .path import RectifiedFlow
-from .samplers import SampleOutput, VelocityFn
+from .samplers import FLOW_SAMPLERS, SampleOutput, VelocityFn
 from .samplers import sample as sample_flow
 
 if TYPE_CHECKING:
     from diffmoe_dist.config import Config
 
 __all__ = [
-    "DDPM_SAMPLERS",
-    "FLOW_SAMPLERS",
     "OBJECTIVES",
     "DDPMObjective",
     "FlowObjective",
@@ -43,9 +41,7 @@ __all__ = [
     "model_out_channels",
 ]
 
-OBJECTIVES = ("flow", "ddpm")
-FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
-DDPM_SAMPLERS = ("ddpm", "ddim")  # ancestral (respaced) and DDIM (eta 0)
+OBJECTIVES = ("flow", "ddpm")  # config key `objective`; the samplers of each: samplers.py, ddpm.py
 
 
 class Objective(Protocol):

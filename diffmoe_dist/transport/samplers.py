@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SAMPLER_NAMES",
     "DIFFUSION_FORMS",
+    "FLOW_SAMPLERS",
     "SampleOutput",
     "VelocityFn",
     "sample",
@@ -48,7 +48,8 @@ __all__ = [
 # velocity_fn(z [B, ...], t [B]) -> v [B, ...]
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
-SAMPLER_NAMES = ("euler", "heun", "dopri5", "sde")
+# The flow samplers, by config name (sample.sampler under objective flow): defined here once.
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
 DIFFUSION_FORMS = ("constant", "sigma", "linear", "decreasing", "increasing-decreasing")
 
 
@@ -218,5 +219,5 @@ def sample(name: str, velocity_fn: VelocityFn, z0: Tensor, **kwargs: object) -> 
         "sde": sample_euler_maruyama,
     }
     if name not in samplers:
-        raise ValueError(f"sampler name must be one of {SAMPLER_NAMES}, got {name!r}")
+        raise ValueError(f"sampler name must be one of {FLOW_SAMPLERS}, got {name!r}")
     return samplers[name](velocity_fn, z0, **kwargs)

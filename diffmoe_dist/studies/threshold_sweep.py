@@ -46,13 +46,9 @@ DEFAULT_GAMMAS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 
 def parse_gammas(text: str) -> tuple[float, ...]:
     try:
-        gammas = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as e:
         raise ValueError(f"--gammas must be comma-separated numbers, got {text!r}") from e
-    bad = [g for g in gammas if not 0.0 < g < 1.0]
-    if bad:
-        raise ValueError(f"--gammas: thresholds are probabilities in (0, 1), got {bad}")
-    return gammas
 
 
 @dataclass(frozen=True)
@@ -68,6 +64,13 @@ class SweepSpec:
     ref: str | None = None  # FID reference .npz (latents runs)
     inception: str | None = None  # local Inception weights (with ref)
     overrides: tuple[str, ...] = ()  # --set for every setting
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.gammas if not 0.0 < g < 1.0]
+        if bad:
+            raise ValueError(f"--gammas: thresholds are probabilities in (0, 1), got {bad}")
+        if not self.static_capacity > 0:
+            raise ValueError(f"--static-capacity must be > 0, got {self.static_capacity}")
 
     def settings(self) -> list[tuple[str, list[str]]]:
         """(row name, --set overrides) in table order: dynamic, each gamma, static."""

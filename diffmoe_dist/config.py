@@ -116,7 +116,7 @@ class TrainConfig:
     # Peak FLOP/s per rank, in TFLOP/s, for the `mfu` metric; 0 = the bf16 peak of a known GPU
     # (H100 / H200 / A100, diffmoe_dist/models/flops.py) when training in bf16 on it, else no `mfu`.
     peak_tflops: float = 0.0
-    # The step at scale (issue 15, parallel/parallelize.py GradReducer): gradient reduction
+    # The step at scale (issue 15, parallel/grad_reduce.py GradReducer): gradient reduction
     # "overlap" (DDP buckets + async expert buckets during backward) | "flat" (after backward);
     # its wire dtype fp32 | bf16 (the sum lands in the fp32 grads); DDP / expert bucket size in MiB.
     grad_reduce: str = "overlap"

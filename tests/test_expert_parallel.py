@@ -27,13 +27,15 @@ from diffmoe_dist.config import from_dict  # noqa: E402
 from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
 from diffmoe_dist.models.moe import MoELayer  # noqa: E402
 from diffmoe_dist.parallel.dispatch import a2a_bytes_summary  # noqa: E402
-from diffmoe_dist.parallel.parallelize import (  # noqa: E402
+from diffmoe_dist.parallel.grad_reduce import (  # noqa: E402
     GradReducer,
     average_gradients,
+    reduce_thresholds,
+)
+from diffmoe_dist.parallel.parallelize import (  # noqa: E402
     build_parallel_state,
     parallelize_model,
     parallelize_moe_layer,
-    reduce_thresholds,
 )
 
 ATOL, RTOL = 2e-5, 1e-4

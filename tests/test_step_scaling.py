@@ -25,11 +25,8 @@ from dist_utils import run_distributed  # noqa: E402
 
 from diffmoe_dist.config import from_dict  # noqa: E402
 from diffmoe_dist.models.dit import DiffMoE  # noqa: E402
-from diffmoe_dist.parallel.parallelize import (  # noqa: E402
-    GradReducer,
-    build_parallel_state,
-    parallelize_model,
-)
+from diffmoe_dist.parallel.grad_reduce import GradReducer  # noqa: E402
+from diffmoe_dist.parallel.parallelize import build_parallel_state, parallelize_model  # noqa: E402
 
 
 def _cfg(ep: int, G: int, P: int, **train):

@@ -25,7 +25,7 @@ gradient bytes (4 per parameter, 2 with ``grad_reduce_dtype="bf16"``) over the g
 (dense: whole world; experts: expert-data-parallel group), once per step; across nodes that is the
 InfiniBand of the group's GPUs in one node (one ring per NIC, as NCCL runs multi-rail), in a node
 NVLink. What the trainer does
-(parallel/parallelize.py GradReducer):
+(parallel/grad_reduce.py GradReducer):
   overlap=True   the reduction runs during the last micro-batch's backward (2/3 of its compute);
                  exposed = max(sync - backward, sync x last-bucket share), the last bucket
                  (``bucket_mb``, the first layers' gradients) being issued when backward ends

@@ -4,7 +4,7 @@ The math of a run does not depend on the number of ranks: step s uses the global
 ``global_batch_indices(seed, s)``; rank r takes the contiguous slice r of it; each sample's noise,
 timestep, label dropout and flip come from (seed, step, position in the global batch); routing pools
 are ``moe.pool_samples`` consecutive samples of that order. Loss = mean over the global batch, so
-gradients are averaged with divide factor = world size (parallel/parallelize.py).
+gradients are averaged with divide factor = world size (parallel/grad_reduce.py).
 
 The objective (config ``objective``: flow | ddpm) is used only through transport/objective.py:
 it maps the per-sample U[0, 1) time draw to its t, mixes data x1 and noise x0, and computes the
@@ -65,18 +65,16 @@ from diffmoe_dist.parallel.distributed import (
     init_distributed,
     print0,
 )
+from diffmoe_dist.parallel.grad_reduce import GradReducer, is_expert_param, reduce_thresholds
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 from diffmoe_dist.parallel.numerics import set_deterministic, set_tf32
 from diffmoe_dist.parallel.parallelize import (
-    GradReducer,
     ParallelState,
     apply_compile,
     build_copy,
     build_model,
     build_parallel_state,
     check_compile_supported,
-    is_expert_param,
-    reduce_thresholds,
 )
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption

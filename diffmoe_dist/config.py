@@ -8,7 +8,6 @@ config (after presets and overrides) is what gets saved with every run and check
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types
@@ -382,10 +381,6 @@ def config_hash_fields(cfg: Config) -> dict[str, Any]:
         # Only when not the default, so checkpoints written before the key existed still match.
         **({"objective": cfg.objective} if cfg.objective != "flow" else {}),
     }
-
-
-def to_json(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------------

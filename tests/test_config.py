@@ -315,6 +315,60 @@ def test_unknown_model_name() -> None:
 # every choice's names are written once, where the choice is implemented
 
 
+# constant -> the module that defines it (config.py and the rest import it from there)
+CHOICE_HOMES = {
+    "ROUTING_MODES": "diffmoe_dist.models.moe",
+    "MOE_MODES": "diffmoe_dist.models.moe",
+    "INFER_RULES": "diffmoe_dist.models.moe",
+    "PREDICTOR_RULES": "diffmoe_dist.models.moe",
+    "FLOW_SAMPLERS": "diffmoe_dist.transport.samplers",
+    "DDPM_SAMPLERS": "diffmoe_dist.transport.ddpm",
+    "OBJECTIVES": "diffmoe_dist.transport.objective",
+    "POOL_MODES": "diffmoe_dist.transport.cfg",
+    "GROUP_SOURCES": "diffmoe_dist.parallel.groups",
+    "SAMPLE_PRECISIONS": "diffmoe_dist.parallel.numerics",
+    "LATENT_VERIFY_MODES": "diffmoe_dist.config",
+}
+
+
+def test_each_choice_list_is_written_once() -> None:
+    """A tuple / list / set literal of strings equal (as a set) to one of the choice lists may
+    appear only in the assignment that defines it: a second copy would drift from the first."""
+    import ast
+    import importlib
+
+    repo = Path(__file__).resolve().parents[1]
+    values = {}
+    for name, module in CHOICE_HOMES.items():
+        values[frozenset(getattr(importlib.import_module(module), name))] = (name, module)
+    copies = []
+    for path in sorted([*repo.glob("diffmoe_dist/**/*.py"), *repo.glob("tools/*.py")]):
+        module = ".".join(path.relative_to(repo).with_suffix("").parts)
+        tree = ast.parse(path.read_text())
+        defining = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name) and CHOICE_HOMES.get(target.id) == module
+        }
+        # a typing.Literal[...] in the home module is the definition too (the constant is get_args)
+        literal = {
+            id(node.slice)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal"
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Tuple, ast.List, ast.Set)) or id(node) in defining:
+                continue
+            items = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if len(items) == len(node.elts) >= 2 and all(isinstance(v, str) for v in items):
+                hit = values.get(frozenset(items))
+                if hit is not None and not (id(node) in literal and hit[1] == module):
+                    copies.append(f"{module}:{node.lineno} repeats {hit[1]}.{hit[0]}")
+    assert not copies, copies
+
+
 def test_config_accepts_exactly_the_implemented_choices() -> None:
     from diffmoe_dist.models.moe import INFER_RULES, ROUTING_MODES
     from diffmoe_dist.parallel.groups import GROUP_SOURCES

@@ -229,12 +229,6 @@ def make_impls(
     return {"ours": _layer_impl(layer), "loop": _layer_impl(loop), "loop_buffer": Impl(ref, ref)}
 
 
-@dataclass
-class Timing:
-    ms: list[float]
-    peak_mem_mb: float
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -88,15 +88,6 @@ def global_batch_indices(
     return torch.cat(parts)
 
 
-def epoch_of_step(num_samples: int, global_batch_size: int, step: int) -> float:
-    """Fractional epoch reached at the start of ``step`` (for logging)."""
-    if num_samples <= 0 or global_batch_size <= 0:
-        raise ValueError(
-            f"num_samples ({num_samples}) and global_batch_size ({global_batch_size}) must be > 0"
-        )
-    return step * global_batch_size / num_samples
-
-
 def _check_layout(global_batch_size: int, dp_rank: int, dp_degree: int) -> int:
     _check_nonneg("dp_rank", dp_rank)
     _check_nonneg("dp_degree", dp_degree)

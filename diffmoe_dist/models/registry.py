@@ -24,8 +24,6 @@ FAMILIES: dict[str, str] = {
     "TC-DiT": "tc",
     "EC-DiT": "ec",
 }
-# routing mode -> family prefix (the paper's name for a model of that mode)
-FAMILY_OF_MODE: dict[str, str] = {mode: family for family, mode in FAMILIES.items()}
 EXPERT_COUNTS = (2, 4, 8, 16)
 
 

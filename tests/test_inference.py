@@ -15,7 +15,7 @@ from helpers_run import checkpoint_tensors, latest_checkpoint, train_in_process
 
 import diffmoe_dist.inference as inference
 from diffmoe_dist.checkpoint import model_state
-from diffmoe_dist.sample import load_sampling_config
+from diffmoe_dist.inference import load_sampling_config
 
 
 @pytest.fixture(scope="module")

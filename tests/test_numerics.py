@@ -59,7 +59,7 @@ def test_expert_weights_in_bf16_are_not_copied_to_fp32() -> None:
 
 
 def test_sampling_under_bf16_autocast() -> None:
-    from diffmoe_dist.sample import CapacityMeter, generate
+    from diffmoe_dist.inference import CapacityMeter, generate
 
     cfg = load_config(TINY, ["sample.num_steps=4", "sample.cfg_scale=2.0"])
     torch.manual_seed(0)

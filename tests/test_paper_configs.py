@@ -100,7 +100,7 @@ class _Recorder:
     ],
 )
 def test_default_cfg_pool_follows_the_public_code(objective: str, sets: list, want: str) -> None:
-    from diffmoe_dist.sample import CapacityMeter, generate
+    from diffmoe_dist.inference import CapacityMeter, generate
     from diffmoe_dist.transport import cfg_pool_for, model_out_channels
 
     cfg = load_config(

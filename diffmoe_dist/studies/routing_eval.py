@@ -82,9 +82,8 @@ def evaluate_run(
 ) -> dict[str, dict[str, Any]]:
     """{rule: {accuracy, fd, c_infer, heldout_loss, ...}} for the run's latest checkpoint (EMA)."""
     from diffmoe_dist.evaluate import evaluate_checkpoint
-    from diffmoe_dist.inference import load_model
+    from diffmoe_dist.inference import load_model, resolve_with_config
     from diffmoe_dist.parallel.distributed import cleanup
-    from diffmoe_dist.sample import resolve_with_config
 
     ckpt, cfg = resolve_with_config(str(run_dir), None, list(overrides))
     if cfg.data.name != "digits":

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffmoe_dist.parallel.distributed import cleanup, init_distributed
-from diffmoe_dist.sample import (
+from diffmoe_dist.inference import (
     class_labels,
     load_sampling_config,
     output_dir,
@@ -35,6 +34,7 @@ from diffmoe_dist.sample import (
     resolve_with_config,
     sample_from_checkpoint,
 )
+from diffmoe_dist.parallel.distributed import cleanup, init_distributed
 from diffmoe_dist.studies.common import markdown_table, write_json, write_text_atomic
 
 DEFAULT_GAMMAS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"

@@ -310,7 +310,7 @@ DIGITS = (
 
 
 def test_ddpm_digits_trains_and_samples_recognisable_digits(tmp_path: Path) -> None:
-    from diffmoe_dist.evaluate import evaluate_checkpoint
+    from diffmoe_dist.inference import evaluate_checkpoint
     from diffmoe_dist.parallel.distributed import cleanup
 
     assert train_in_process(tmp_path / "run", *DIGITS) == 0

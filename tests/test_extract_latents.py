@@ -229,7 +229,7 @@ def test_latents_train_sample_resume_eval(tmp_path: Path, tiny_vae: Path) -> Non
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     ev = ["diffmoe_dist.evaluate", "--run-dir", str(run), *fast, "--json"]
-    from diffmoe_dist.evaluate import evaluate_checkpoint
+    from diffmoe_dist.inference import evaluate_checkpoint
 
     with pytest.raises(ValueError, match="give --ref FILE.npz and --inception"):
         evaluate_checkpoint(str(run), None, [], str(tiny_vae))

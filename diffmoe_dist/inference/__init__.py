@@ -14,6 +14,7 @@ arguments and call these.
 
 from diffmoe_dist.inference.capacity import CapacityMeter
 from diffmoe_dist.inference.driver import sample_from_checkpoint
+from diffmoe_dist.inference.evaluate import evaluate_checkpoint, evaluate_samples
 from diffmoe_dist.inference.generate import class_labels, generate
 from diffmoe_dist.inference.images import save_grid, save_samples, to_uint8
 from diffmoe_dist.inference.load import (
@@ -31,6 +32,8 @@ __all__ = [
     "LoadedModel",
     "PartsStore",
     "class_labels",
+    "evaluate_checkpoint",
+    "evaluate_samples",
     "generate",
     "load_model",
     "load_sampling_config",

@@ -81,8 +81,7 @@ def evaluate_run(
     run_dir: Path, rules: Sequence[str], overrides: Sequence[str], heldout_samples: int
 ) -> dict[str, dict[str, Any]]:
     """{rule: {accuracy, fd, c_infer, heldout_loss, ...}} for the run's latest checkpoint (EMA)."""
-    from diffmoe_dist.evaluate import evaluate_checkpoint
-    from diffmoe_dist.inference import load_model, resolve_with_config
+    from diffmoe_dist.inference import evaluate_checkpoint, load_model, resolve_with_config
     from diffmoe_dist.parallel.distributed import cleanup
 
     ckpt, cfg = resolve_with_config(str(run_dir), None, list(overrides))

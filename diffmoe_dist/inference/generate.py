@@ -21,6 +21,8 @@ from diffmoe_dist.transport.objective import cfg_pool_for, get_objective
 
 
 def class_labels(cfg: Config, labels_arg: str | None) -> torch.Tensor:
+    """The class of every sample [sample.num_samples]: ``--labels a,b,...`` cycled, else a balanced
+    grid for at most 10 classes, else uniform draws from ``sample.seed``. ValueError names --labels."""
     n, k = cfg.sample.num_samples, cfg.model.num_classes
     if labels_arg:
         try:

@@ -63,7 +63,8 @@ from diffmoe_dist.studies.routing_report import Row, build_rows, write_report
 
 # The presets, inside the configs directory a caller names (tools/: the checkout's configs/).
 PRESET_FILES = {"cpu": "reproduce_routing.yaml", "gpu": "reproduce_routing_gpu.yaml"}
-MODE_NAMES = {"dense": "Dense-DiT", **{mode: family for family, mode in FAMILIES.items()}}
+# routing mode -> the paper's model name (Dense-DiT, TC-DiT, EC-DiT, DiffMoE), from the registry
+MODEL_NAMES = {mode: family for family, mode in FAMILIES.items()}
 # DiffMoE is evaluated under every inference rule but "gamma" (one fixed threshold: the threshold
 # sweep's subject, studies/threshold_sweep.py).
 DIFFMOE_RULES = tuple(r for r in INFER_RULES if r != "gamma")
@@ -96,7 +97,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        name = MODE_NAMES[self.mode]
+        name = MODEL_NAMES[self.mode]
         if self.num_experts:
             return f"{name} E={self.num_experts} P={self.pool_samples}"
         return f"{name} P={self.pool_samples}" if self.mode == "diffmoe" else name

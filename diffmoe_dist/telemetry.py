@@ -15,8 +15,8 @@ sample n // T. Time convention (transport/path.py): t = 0 noise, t = 1 data; buc
 t in [b/10, (b+1)/10), t = 1 goes to the last bucket.
 
 The one home of MoE statistics: the trainer (``log_metrics`` at log steps: also the thresholds and
-the dispatchers' byte counters), the sampler (sample.CapacityMeter: C_infer and sample_report.json)
-and the studies read these counters; nothing else walks the model for them.
+the dispatchers' byte counters), the sampler (inference/capacity.py ``CapacityMeter``: C_infer and
+sample_report.json) and the studies read these counters; nothing else walks the model for them.
 
 Besides, per rank: wall time in the expert dispatcher's collectives (``comm_time_s`` of the
 all-to-all dispatchers), step time, and peak RSS (``resource.getrusage``). ``reduce`` packs every

@@ -77,7 +77,7 @@ def test_diffmoe_configs_and_demo_sample_with_the_dynamic_rule() -> None:
 
 
 class _Recorder:
-    """Stands in for the model in sample.generate: records the batch of every forward."""
+    """Stands in for the model in inference.generate: records the batch of every forward."""
 
     def __init__(self, model: DiffMoE) -> None:
         self.model, self.batches = model, []

@@ -1,4 +1,5 @@
-"""tools/make_synthetic_latents.py: real shards a trainer reads, deterministic, clear errors."""
+"""tools/make_synthetic_latents.py (diffmoe_dist/data/synthetic.py): real shards a trainer reads,
+deterministic, clear errors."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 from helpers_run import TINY, read_metrics, train_in_process  # noqa: E402
-from make_synthetic_latents import main as make_main  # noqa: E402
 
 from diffmoe_dist.data import LatentShardDataset  # noqa: E402
+from diffmoe_dist.data.synthetic import main as make_main  # noqa: E402
 
 
 def test_shards_follow_the_config_and_train(
@@ -52,3 +52,23 @@ def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert make_main(["--out", str(out), "--count", "4", "--size", "4", "--overwrite"]) == 0
     assert make_main(["--out", str(out), "--count", "4", "--config", "nope.yaml"]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_tool_shell_runs_the_package_command(tmp_path: Path) -> None:
+    """tools/make_synthetic_latents.py is a shell over data/synthetic.py: same data, same seed."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--count", "5", "--size", "4", "--channels", "2", "--num-classes", "3", "--seed", "1"]
+    tool = [sys.executable, str(repo / "tools" / "make_synthetic_latents.py"), *args]
+    res = subprocess.run(
+        [*tool, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["shape"] == [2, 4, 4]
+    assert make_main([*args, "--out", str(tmp_path / "b")]) == 0
+    idx, flip = torch.arange(5), torch.zeros(5, dtype=torch.bool)
+    xa, ya = LatentShardDataset(tmp_path / "a").get_batch(idx, flip)
+    xb, yb = LatentShardDataset(tmp_path / "b").get_batch(idx, flip)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -240,14 +240,12 @@ def step_config(spec: StepSpec, model: str, variant: str, rank_dir: str) -> Conf
 
 
 def write_latents(path: str, count: int, cfg: Config) -> None:
-    """Random latents in the real shard format (tools/make_synthetic_latents.py does the same)."""
-    from diffmoe_dist.data.latents import LatentShardWriter
+    """Random latents in the real shard format, one shard (data/synthetic.py, seed 0)."""
+    from diffmoe_dist.data.synthetic import write_synthetic_latents
 
     m = cfg.model
-    gen = torch.Generator().manual_seed(0)
-    with LatentShardWriter(path, shard_size=max(count, 1), num_classes=m.num_classes) as w:
-        lat = torch.randn((count, m.in_channels, m.input_size, m.input_size), generator=gen)
-        w.add(lat, lat.flip(-1), torch.randint(0, m.num_classes, (count,), generator=gen))
+    shape = (m.in_channels, m.input_size, m.input_size)
+    write_synthetic_latents(path, count, shape, m.num_classes, shard_size=max(count, 1))
 
 
 def measured_peak_flops(device: str, dtype: str, n: int = 2048, reps: int = 3) -> float:

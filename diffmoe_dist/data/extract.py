@@ -17,12 +17,20 @@ Work plan and resume:
   * The VAE posterior is sampled with a generator seeded by (seed, shard index): a shard's content
     does not depend on the number of ranks or on which run wrote it.
 An unreadable image or a bad folder raises ValueError naming the file; shards already written stay.
+
+    python tools/extract_latents.py --images /data/imagenet/train --out /data/in256_latents \
+        --vae /models/sd-vae-ft-mse
+    torchrun --nproc-per-node 8 tools/extract_latents.py --images ... --out ... --vae ...
+
+Rerunning the same command after an interruption encodes only the shards that are missing.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,7 @@ from diffmoe_dist.data.latents import (
     shard_name,
     write_shard_file,
 )
+from diffmoe_dist.data.vae import POSTERIORS, encode, load_vae
 from diffmoe_dist.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".jpe")
@@ -160,8 +169,6 @@ def encode_shard(
     vae: Any, plan: dict[str, Any], sid: int, out: Path, device: torch.device, progress: Any = None
 ) -> None:
     """Encode shard ``sid`` of the plan and publish it (file, then its record)."""
-    from diffmoe_dist.data.vae import encode
-
     o = plan["options"]
     lo = sid * o["shard_size"]
     hi = min(lo + o["shard_size"], len(plan["files"]))
@@ -233,7 +240,6 @@ def extract(
 ) -> dict[str, Any]:
     """Run (or resume) an extraction on this rank. Every rank of ``group`` calls it; rank 0 returns
     the summary with the manifest path, the others a summary of their own work."""
-    from diffmoe_dist.data.vae import load_vae
     from diffmoe_dist.parallel.distributed import all_reduce, barrier
 
     device = torch.device(device)
@@ -283,3 +289,60 @@ def extract(
         summary["count"] = len(plan["files"])
     barrier(group)  # nobody exits before the manifest is verified
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (tools/extract_latents.py); one process per rank under torchrun / srun."""
+    from diffmoe_dist.parallel.distributed import cleanup, init_distributed, print0
+
+    p = argparse.ArgumentParser(
+        prog="extract_latents",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", required=True, help="root/<class>/<image> folder")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--scale-factor", type=float, default=SD_VAE_SCALE_FACTOR)
+    p.add_argument("--posterior", choices=POSTERIORS, default="sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument("--num-classes", type=int, default=0, help="default: number of class folders")
+    p.add_argument("--backend", default="auto", help="auto | gloo | nccl")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    opts = ExtractOptions(
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        scale_factor=args.scale_factor,
+        posterior=args.posterior,
+        seed=args.seed,
+        dtype=args.dtype,
+        num_classes=args.num_classes,
+    )
+    try:
+        info = init_distributed(args.backend)
+        import torch.distributed as dist
+
+        summary = extract(
+            args.images,
+            args.out,
+            args.vae,
+            opts,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=info.device,
+            group=dist.group.WORLD if info.world_size > 1 else None,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        print(f"extract_latents: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    print0(json.dumps(summary))
+    return 0

@@ -32,8 +32,8 @@ size and safetensors header (tensor names, dtypes, shapes [count, 2, C, H, W] ag
 are checked, so a missing, truncated or mismatched shard fails at start-up with its name. Checksums
 (``data.verify``): ``always`` hashes every shard on open; ``auto`` (default) does so when the set is at
 most ``VERIFY_AUTO_MAX_BYTES`` (4 GiB: seconds to hash) and otherwise hashes each shard on its first
-read; ``never`` skips hashing. For a large set, ``python tools/verify_latents.py DIR`` is the
-start-up pass run once, ahead of training.
+read; ``never`` skips hashing. For a large set, ``python tools/verify_latents.py DIR`` (data/verify.py)
+is the start-up pass run once, ahead of training.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -416,10 +417,14 @@ class LatentShardDataset:
                 f"sha256 {digest} != {entry['sha256']} in {MANIFEST_NAME}"
             )
 
-    def verify_checksums(self) -> None:
-        """Hash every shard now; ValueError names the first corrupt one."""
-        for i in range(len(self.manifest["shards"])):
-            self.verify_checksum(i)
+    def verify_checksums(self, jobs: int = 1) -> None:
+        """Hash every shard now, ``jobs`` at a time (threads: hashlib releases the GIL on large
+        reads); ValueError names the first corrupt one in manifest order, the rest are not hashed."""
+        pool = ThreadPoolExecutor(max(1, jobs))
+        try:
+            list(pool.map(self.verify_checksum, range(len(self.manifest["shards"]))))
+        finally:
+            pool.shutdown(cancel_futures=True)
 
     def _shard(self, shard_id: int) -> tuple[np.memmap, torch.Tensor]:
         """Map shard ``shard_id`` (hashing it first if that is deferred to its first read):
@@ -466,9 +471,9 @@ class LatentShardDataset:
             raise ValueError(f"shard {f}: safetensors header is not an object")
         return header, 8 + hlen
 
-    def verify_all(self) -> None:
-        """Hash and open every shard now (e.g. in a data-preparation tool): checksums and labels."""
-        self.verify_checksums()
+    def verify_all(self, jobs: int = 1) -> None:
+        """Hash (``jobs`` at a time) and open every shard now: checksums and labels."""
+        self.verify_checksums(jobs)
         for i in range(len(self.manifest["shards"])):
             self._shard(i)
 

@@ -20,6 +20,7 @@ import torch
 from diffmoe_dist.data.latents import SD_VAE_SCALE_FACTOR
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+POSTERIORS = ("sample", "mean")  # how encode() turns the encoder's Gaussian into a latent
 
 
 def load_vae(
@@ -62,8 +63,8 @@ def encode(
     ``posterior="sample"`` draws from the encoder's Gaussian (DiT/fast-DiT's choice), seeded by
     ``generator``; ``"mean"`` takes its mean (deterministic without a generator).
     """
-    if posterior not in ("sample", "mean"):
-        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+    if posterior not in POSTERIORS:
+        raise ValueError(f"posterior must be one of {', '.join(POSTERIORS)}, got {posterior!r}")
     p = next(vae.parameters())
     dist = vae.encode(images.to(device=p.device, dtype=p.dtype)).latent_dist
     z = dist.mean if posterior == "mean" else dist.sample(generator=generator)

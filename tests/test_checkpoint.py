@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from dist_utils import run_distributed
 from helpers_run import TINY, restored_signal_handlers
 
-import diffmoe_dist.checkpoint as ckpt_mod
 from diffmoe_dist.checkpoint import CheckpointManager, latest_verified, list_checkpoints
 from diffmoe_dist.config import load_config
 from diffmoe_dist.models.moe import StackedExperts
@@ -37,7 +37,7 @@ def make_trainer(run_dir: Path, *overrides: str, rank: int = 0, world: int = 1) 
 def live_state(t: Trainer) -> dict[str, torch.Tensor]:
     """What the process holds: model and EMA parameters + buffers (thresholds), AdamW state.
 
-    Read straight from the modules and the optimizer (not through checkpoint.py's own key mapping);
+    Read straight from the modules and the optimizer (not through checkpoint/state.py's key mapping);
     stacked expert tensors stay stacked, [local experts, ...].
     """
     out: dict[str, torch.Tensor] = {}
@@ -102,13 +102,13 @@ def test_crash_during_save_leaves_previous_checkpoint(
 ) -> None:
     t = make_trainer(tmp_path)
     train_and_save(t, 1)
-    real_save = ckpt_mod.dcp.save
+    real_save = dcp.save
 
     def dying_save(*args, **kwargs):
         real_save(*args, **kwargs)  # the shard is written, the process dies before publishing
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(ckpt_mod.dcp, "save", dying_save)
+    monkeypatch.setattr(dcp, "save", dying_save)
     t.train_step()
     with pytest.raises(RuntimeError, match="simulated crash"):
         t.save()

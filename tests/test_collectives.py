@@ -80,8 +80,7 @@ def test_cuda_device_choice_refuses_shared_shortage() -> None:
 def _collectives(rank: int, world: int, tmp: str) -> dict:
     import torch.distributed as dist
 
-    from diffmoe_dist import checkpoint
-    from diffmoe_dist.checkpoint import CheckpointManager
+    from diffmoe_dist.checkpoint import CheckpointManager, manifest
     from diffmoe_dist.config import Config
     from diffmoe_dist.parallel.distributed import (
         all_reduce_scalars,
@@ -113,13 +112,13 @@ def _collectives(rank: int, world: int, tmp: str) -> dict:
         out["error"] = f"{type(e).__name__}: {e}"
 
     # A checkpoint whose hashing takes longer than the process-group timeout still saves.
-    real = checkpoint.sha256_file
+    real = manifest.sha256_file
 
     def slow_sha(path):  # type: ignore[no-untyped-def]
         time.sleep(0.4)
         return real(path)
 
-    checkpoint.sha256_file = slow_sha
+    manifest.sha256_file = slow_sha  # the manifest writer and verify_checkpoint hash through it
     cfg = Config()
     model = torch.nn.Linear(4, 4)
     torch.manual_seed(0)

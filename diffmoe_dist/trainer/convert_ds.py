@@ -1,6 +1,6 @@
 """Convert a run directory's old-format DeepSpeed checkpoints (``ds_checkpoints/``) to the project's.
 
-Before engine=deepspeed wrote the project checkpoint (checkpoint.py), it wrote
+Before engine=deepspeed wrote the project checkpoint (diffmoe_dist/checkpoint/), it wrote
 ``<run.dir>/ds_checkpoints/step-XXXXXXXX/`` with DeepSpeed's module / ZeRO files and one
 ``diffmoe_rankNNNNN.pt`` per rank holding that rank's model (its expert slice and thresholds), EMA,
 RNG and step. A run directory in that format is refused at start-up with this command:

@@ -11,7 +11,7 @@ replaced, and nothing else:
     checkpoint_optimizer   DeepSpeedCheckpointState: the ZeRO partitions presented as full fp32
                            tensors per parameter, the layout the native optimizer's state has
 Batch, learning rate, thresholds, EMA, logging, preemption and checkpoints are the base class's. A
-checkpoint is the project's (checkpoint.py) whatever the engine: it resumes at another world size or
+checkpoint is the project's (checkpoint/) whatever the engine: it resumes at another world size or
 ep, with the other engine, and diffmoe-sample / diffmoe-eval / the threshold sweep read it.
 
 Expert parameters: parallelize_model marks them ``allreduce=False, group_name='ep_size_<ep>'`` as
@@ -150,7 +150,7 @@ class DeepSpeedCheckpointState:
         return max(steps) if steps else 0.0
 
     def checkpoint_state(self, model: nn.Module, gather: bool = True) -> dict[str, torch.Tensor]:
-        """Flat state (checkpoint.py keys); ``gather=False`` allocates load buffers only."""
+        """Flat state (checkpoint/state.py keys); ``gather=False`` allocates load buffers only."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._ensure_state()

@@ -64,7 +64,7 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
 
 
 # apex FusedAdam counts steps in ``param_groups[i]["step"]`` (an int), not in the per-parameter state
-# that torch AdamW uses and checkpoint.py saves. These two move the count into the per-parameter
+# that torch AdamW uses and checkpoint/state.py saves. These two move the count into the per-parameter
 # "step" entry before a save and back after a load, so the checkpoint format is the same for both
 # optimizers and bias correction continues after a resume instead of restarting at step 1.
 def steps_to_state(optimizer: torch.optim.Optimizer) -> None:

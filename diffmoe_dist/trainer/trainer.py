@@ -276,7 +276,7 @@ class Trainer:
     def checkpoint_optimizer(self) -> Any:
         """What the checkpoint stores as optimizer state: a torch optimizer keyed by the model's
         parameters, or an object with ``checkpoint_state`` / ``restore_checkpoint_state``
-        (checkpoint.py) that presents the state as full per-parameter tensors."""
+        (checkpoint/state.py) that presents the state as full per-parameter tensors."""
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------------

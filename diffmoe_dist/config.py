@@ -30,7 +30,12 @@ from diffmoe_dist.transport.ddpm import DDPM_NUM_TIMESTEPS, DDPM_SAMPLERS
 from diffmoe_dist.transport.objective import OBJECTIVES
 from diffmoe_dist.transport.samplers import FLOW_SAMPLERS
 
-LATENT_VERIFY_MODES = ("auto", "always", "never")  # data.verify, see data/latents.py
+# Choices whose implementing module reads the config itself are named here, and that module
+# imports them (the import goes one way): data.verify (data/latents.py), moe.capacity_schedule
+# (models/capacity_schedule.py), train.grad_reduce (parallel/grad_reduce.py).
+LATENT_VERIFY_MODES = ("auto", "always", "never")
+CAPACITY_SCHEDULES = ("none", "linear")
+GRAD_REDUCE_MODES = ("overlap", "flat")
 
 
 @dataclass
@@ -425,7 +430,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"moe.num_experts={moe.num_experts}; must be >= 1")
     _positive(moe.capacity, "moe.capacity")
     _positive(moe.infer_capacity, "moe.infer_capacity")
-    _choice(moe.capacity_schedule, ("none", "linear"), "moe.capacity_schedule")
+    _choice(moe.capacity_schedule, CAPACITY_SCHEDULES, "moe.capacity_schedule")
     if moe.capacity_schedule == "linear":
         if moe.mode not in ("diffmoe", "ec"):
             raise ValueError(
@@ -467,7 +472,7 @@ def validate(cfg: Config) -> None:
         )
     _choice(t.precision, ("fp32", "bf16"), "train.precision")
     _choice(t.optimizer_impl, ("torch", "apex"), "train.optimizer_impl")
-    _choice(t.grad_reduce, ("overlap", "flat"), "train.grad_reduce")
+    _choice(t.grad_reduce, GRAD_REDUCE_MODES, "train.grad_reduce")
     _choice(t.grad_reduce_dtype, ("fp32", "bf16"), "train.grad_reduce_dtype")
     _positive(t.grad_bucket_mb, "train.grad_bucket_mb")
     _positive(t.grad_accum_steps, "train.grad_accum_steps")

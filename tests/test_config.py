@@ -328,6 +328,7 @@ CHOICE_HOMES = {
     "GROUP_SOURCES": "diffmoe_dist.parallel.groups",
     "SAMPLE_PRECISIONS": "diffmoe_dist.parallel.numerics",
     "LATENT_VERIFY_MODES": "diffmoe_dist.config",
+    "CAPACITY_SCHEDULES": "diffmoe_dist.config",
 }
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from diffmoe_dist.config import MoEConfig
-
-CAPACITY_SCHEDULES = ("none", "linear")
+from diffmoe_dist.config import CAPACITY_SCHEDULES, MoEConfig
 
 
 def capacity_at(moe: MoEConfig, step: int) -> float:

@@ -25,12 +25,12 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
+from diffmoe_dist.config import GRAD_REDUCE_MODES
 from diffmoe_dist.models.moe import MoELayer
 from diffmoe_dist.parallel.comm import COMM_CLOCK
 from diffmoe_dist.parallel.distributed import all_reduce, all_reduce_async
 from diffmoe_dist.parallel.parallelize import ParallelState
 
-GRAD_REDUCE_MODES = ("overlap", "flat")
 GRAD_REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -118,6 +118,23 @@ def test_run_fingerprint_names_what_the_samples_depend_on(ckpt: Path) -> None:
     assert fp["infer"] != inference.run_fingerprint(other, ckpt, labels)["infer"]
 
 
+# ---- the driver's split of a run over ranks
+
+
+@pytest.mark.parametrize("todo", [list(range(10)), [1, 4, 5, 8, 9], [7], []])
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_rank_share_covers_each_index_once_in_equal_shares(
+    todo: list[int], world_size: int
+) -> None:
+    t = torch.tensor(todo, dtype=torch.long)
+    shares = [inference.rank_share(t, world_size, r) for r in range(world_size)]
+    assert len({len(idx) for idx, _ in shares}) == 1  # the same number of batches on every rank
+    kept = [int(i) for idx, valid in shares for i in idx[valid]]
+    assert kept == todo  # each index once, in order (contiguous slices by rank)
+    for idx, _ in shares:  # padding repeats a real index (a valid sample to run, then dropped)
+        assert all(int(i) in todo for i in idx) and idx.dtype == torch.long
+
+
 # ---- the files of a sampling run
 
 

@@ -13,7 +13,7 @@ arguments and call these.
 """
 
 from diffmoe_dist.inference.capacity import CapacityMeter
-from diffmoe_dist.inference.driver import sample_from_checkpoint
+from diffmoe_dist.inference.driver import rank_share, sample_from_checkpoint
 from diffmoe_dist.inference.evaluate import evaluate_checkpoint, evaluate_samples
 from diffmoe_dist.inference.generate import class_labels, generate
 from diffmoe_dist.inference.images import save_grid, save_samples, to_uint8
@@ -40,6 +40,7 @@ __all__ = [
     "output_dir",
     "resolve_checkpoint",
     "resolve_with_config",
+    "rank_share",
     "run_fingerprint",
     "sample_from_checkpoint",
     "save_grid",

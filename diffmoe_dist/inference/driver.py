@@ -31,6 +31,21 @@ from diffmoe_dist.parallel.numerics import resolve_sample_precision, set_tf32
 from diffmoe_dist.transport.objective import cfg_pool_for
 
 
+def rank_share(todo: torch.Tensor, world_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the sample indices ``todo`` [T]: (indices [P], valid [P] bool).
+
+    P = ceil(T / world_size) on every rank, so all ranks run the same number of equally sized
+    batches (the dispatcher's collectives need every rank in every forward); the share is a
+    contiguous slice of ``todo``, and positions past its end (padding) repeat its last index with
+    valid False, to be dropped. The valid entries of all ranks cover ``todo`` exactly once.
+    """
+    per_rank = math.ceil(len(todo) / world_size)
+    pos = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    valid = pos < len(todo)
+    mine = todo[pos.clamp(max=max(len(todo) - 1, 0))] if len(todo) else pos
+    return mine, valid
+
+
 def sample_from_checkpoint(
     cfg: Config,
     ckpt: Path,
@@ -79,12 +94,8 @@ def sample_from_checkpoint(
         done = parts.prepare(run_fingerprint(cfg, ckpt, labels), n, rank)
     barrier(ps.world_group)  # every rank has listed the parts before any is written
     todo = torch.tensor(sorted(set(range(n)) - done), dtype=torch.long)
-    per_rank = math.ceil(len(todo) / W)
-    # Every rank runs the same number of equally sized batches (the dispatcher's collectives need it);
-    # padding positions repeat the last index and are dropped.
-    pos = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-    valid_pos = pos < len(todo)
-    mine = todo[pos.clamp(max=max(len(todo) - 1, 0))] if len(todo) else pos
+    mine, valid_pos = rank_share(todo, W, rank)
+    per_rank = len(mine)
     meter = CapacityMeter(cfg.model.num_classes, W, rank, info.device)
     scale = _latent_scale(cfg)
     outs = []

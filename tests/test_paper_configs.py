@@ -57,13 +57,17 @@ def test_table11_ddpm_configs(stem: str) -> None:
 
 
 def test_ddpm_dit_xl_count_is_dits() -> None:
-    """Learned variance doubles the output channels: Dense-DiT-XL under DDPM is DiT-XL/2's 675.13M."""
-    from diffmoe_dist.transport import model_out_channels
+    """Learned variance doubles the output channels: Dense-DiT-XL under DDPM is DiT-XL/2's 675.13M.
+
+    count_config_params (what tools/count_params.py prints) takes the channels from the objective."""
+    from diffmoe_dist.models.params import count_config_params
 
     cfg = load_config(ROOT / "configs" / "imagenet256" / "dense_dit_xl_ddpm.yaml")
-    with torch.device("meta"):
-        model = DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg))
-    assert count_params(model)["total"] == 675_129_632
+    assert count_config_params(cfg)["total"] == 675_129_632
+    flow = count_config_params(load_config(ROOT / "configs" / "imagenet256" / "dense_dit_xl.yaml"))
+    # flow vs ddpm: the final Linear(D, p*p*C_out) has p*p*C more outputs, each D weights + a bias
+    m = cfg.model
+    assert 675_129_632 - flow["total"] == (m.hidden_size + 1) * m.patch_size**2 * m.in_channels
 
 
 def test_diffmoe_configs_and_demo_sample_with_the_dynamic_rule() -> None:

@@ -240,7 +240,7 @@ def extract(
 ) -> dict[str, Any]:
     """Run (or resume) an extraction on this rank. Every rank of ``group`` calls it; rank 0 returns
     the summary with the manifest path, the others a summary of their own work."""
-    from diffmoe_dist.parallel.distributed import all_reduce, barrier
+    from diffmoe_dist.parallel.distributed import all_reduce_scalars, barrier
 
     device = torch.device(device)
     out = Path(out_dir)
@@ -280,10 +280,10 @@ def extract(
         "shards_skipped": len(mine) - len(todo),
         "shards_written": len(todo),
     }
-    if group is not None:
-        t = torch.tensor([len(mine) - len(todo), len(todo)], dtype=torch.long, device=device)
-        all_reduce(t, group, device)
-        summary["shards_skipped"], summary["shards_written"] = t.tolist()
+    if group is not None:  # summed over the ranks (float64 holds these counts exactly)
+        mine_counts = [len(mine) - len(todo), len(todo)]
+        skipped, written = all_reduce_scalars(mine_counts, group, device, op="sum")
+        summary["shards_skipped"], summary["shards_written"] = int(skipped), int(written)
     if rank == 0:
         summary["manifest"] = str(write_manifest(out, plan))
         summary["count"] = len(plan["files"])

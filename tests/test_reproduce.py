@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -183,13 +183,15 @@ def test_study_tools_are_shells(name: str) -> None:
     assert isinstance(guard, ast.If) and "sys.exit(main(" in ast.unparse(guard)
 
 
-def test_tool_refuses_bad_tag(tmp_path: Path) -> None:
-    """The shell runs from the checkout and reports a bad flag as a CLI error, before any work."""
-    res = subprocess.run(
-        [sys.executable, str(TOOL), "--tag", "a b", "--work-dir", str(tmp_path / "runs")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 2 and "--tag 'a b': letters, digits, - and _ only" in res.stderr
-    assert not (tmp_path / "runs").exists()
+def test_tool_refuses_bad_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shell itself, run as a script (in this process: no interpreter start-up), reports a bad
+    flag as a CLI error before any work."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the shell puts its checkout first
+    monkeypatch.setattr(sys, "argv", [str(TOOL), "--tag", "a b", "--work-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(TOOL), run_name="__main__")
+    assert exit_.value.code == 2
+    assert "--tag 'a b': letters, digits, - and _ only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -1,6 +1,6 @@
 """Evaluate one trained run of the routing study (studies/reproduce_routing.py), on its EMA weights:
 
-* per inference rule, the digits judge through ``diffmoe-eval``'s ``evaluate_checkpoint``: Frechet
+* per inference rule, the digits judge through inference/evaluate.py (as ``diffmoe-eval``): Frechet
   distance to the held-out digits, conditional accuracy and C_infer, from a fixed number of samples
   drawn with a fixed sampler and noise (sample.seed);
 * per inference rule, the held-out loss of the objective (flow-matching MSE, or DDPM's hybrid loss

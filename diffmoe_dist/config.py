@@ -20,7 +20,12 @@ import yaml
 
 # The names each choice accepts are defined once, where the choice is implemented; this module
 # imports them (and none of these modules imports config.py at run time).
-from diffmoe_dist.models.moe import INFER_RULES, PREDICTOR_RULES, ROUTING_MODES
+from diffmoe_dist.models.moe import (
+    EXPERT_CHOICE_MODES,
+    INFER_RULES,
+    PREDICTOR_RULES,
+    ROUTING_MODES,
+)
 from diffmoe_dist.models.registry import preset
 from diffmoe_dist.parallel.groups import GROUP_SOURCES
 from diffmoe_dist.parallel.layout import check_experts, layout_from_config
@@ -432,7 +437,7 @@ def validate(cfg: Config) -> None:
     _positive(moe.infer_capacity, "moe.infer_capacity")
     _choice(moe.capacity_schedule, CAPACITY_SCHEDULES, "moe.capacity_schedule")
     if moe.capacity_schedule == "linear":
-        if moe.mode not in ("diffmoe", "ec"):
+        if moe.mode not in EXPERT_CHOICE_MODES:
             raise ValueError(
                 f"moe.capacity_schedule='linear' needs expert choice (moe.mode diffmoe or ec); "
                 f"moe.mode={moe.mode!r} has no training capacity"

@@ -321,6 +321,8 @@ CHOICE_HOMES = {
     "MOE_MODES": "diffmoe_dist.models.moe",
     "INFER_RULES": "diffmoe_dist.models.moe",
     "PREDICTOR_RULES": "diffmoe_dist.models.moe",
+    "EXPERT_CHOICE_MODES": "diffmoe_dist.models.moe",
+    "POOLED_MODES": "diffmoe_dist.models.moe",
     "FLOW_SAMPLERS": "diffmoe_dist.transport.samplers",
     "DDPM_SAMPLERS": "diffmoe_dist.transport.ddpm",
     "OBJECTIVES": "diffmoe_dist.transport.objective",

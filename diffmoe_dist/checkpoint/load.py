@@ -31,6 +31,7 @@ from diffmoe_dist.checkpoint.manifest import (
 )
 from diffmoe_dist.checkpoint.state import flat_state
 from diffmoe_dist.config import Config, config_hash_fields
+from diffmoe_dist.models.moe import POOLED_MODES
 from diffmoe_dist.parallel.distributed import all_gather_objects, broadcast_object, run_on_rank0
 from diffmoe_dist.trainer.optim import steps_from_state
 
@@ -48,7 +49,7 @@ def check_compatible(path: Path, cfg: Config) -> dict[str, Any]:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} is from another model ({detail})")
     old_pool = meta.get("pool_samples")
-    if old_pool != cfg.moe.pool_samples and cfg.moe.mode in ("diffmoe", "tc"):
+    if old_pool != cfg.moe.pool_samples and cfg.moe.mode in POOLED_MODES:
         if not cfg.train.allow_pool_change:
             raise ValueError(
                 f"checkpoint {path} was trained with moe.pool_samples={old_pool}, the config says "

@@ -41,6 +41,11 @@ from diffmoe_dist.models.routing import capacity_k, kth_largest, token_choice, t
 # import them). Routing modes (config moe.mode): dense, or one of the modes with a router and experts.
 MOE_MODES = ("tc", "ec", "diffmoe")
 ROUTING_MODES = ("dense", *MOE_MODES)
+# Modes with a training capacity C (every expert takes its top-k, k = floor(tokens * C / E)).
+EXPERT_CHOICE_MODES = ("ec", "diffmoe")
+# Modes that look at pools of moe.pool_samples samples: diffmoe routes over them, tc takes its
+# load-balancing statistics over them. The pool is then part of the model (layout, checkpoints).
+POOLED_MODES = ("tc", "diffmoe")
 # Inference rules (config moe.infer_mode): static top-k, or a rule that reads the capacity predictor.
 PREDICTOR_RULES = ("dynamic", "gamma", "independent")
 INFER_RULES = ("static", *PREDICTOR_RULES)

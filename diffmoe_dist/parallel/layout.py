@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from diffmoe_dist.models.moe import POOLED_MODES
+
 if TYPE_CHECKING:
     from diffmoe_dist.config import Config
 
@@ -143,8 +145,7 @@ def layout_from_config(cfg: Config, world_size: int) -> Layout:
         )
     micro = G // (world_size * A)  # samples per rank per forward
     span = 1
-    # diffmoe routes over pools; tc takes its load-balancing statistics over the same pools.
-    if cfg.moe.mode in ("diffmoe", "tc"):
+    if cfg.moe.mode in POOLED_MODES:
         if (G // A) % P:
             raise ValueError(
                 f"moe.pool_samples={P} does not divide train.global_batch_size={G} / "

@@ -346,3 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
     print0(json.dumps(summary))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

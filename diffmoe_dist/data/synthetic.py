@@ -96,3 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"out": args.out, "count": args.count, "shape": list(shape), "classes": args.num_classes}
     print(json.dumps(info))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

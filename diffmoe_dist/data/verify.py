@@ -56,3 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(info))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -181,6 +181,33 @@ def test_forward_backward_shapes(mode: str) -> None:
     assert (aux["balance_loss"] > 0) == (mode == "tc")
 
 
+def test_one_rank_zero_grad_frees_gradients_and_keeps_the_weights() -> None:
+    # In a one-rank world trainer/optim.zero_grad frees the gradients (backward hands each parameter
+    # a new tensor instead of zeroing and adding into it); the weights after several AdamW steps,
+    # DiffMoE with its predictor, must equal those of zeroing in place, bit for bit.
+    from diffmoe_dist.config import TrainConfig
+    from diffmoe_dist.trainer.optim import torch_adamw, zero_grad
+
+    def train(free: bool) -> list[torch.Tensor]:
+        model = tiny("diffmoe").train()
+        opt = torch_adamw([p for p in model.parameters() if p.requires_grad], TrainConfig(lr=1e-2))
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            if free:
+                zero_grad(opt)
+                assert all(p.grad is None for p in model.parameters())
+            else:
+                opt.zero_grad(set_to_none=False)
+            x = torch.randn(4, 2, 8, 8, generator=gen)
+            out = model(x, torch.rand(4, generator=gen), torch.tensor([0, 1, 2, 5]))
+            (out.square().mean() + model.aux_losses()["cp_loss"]).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train(True), train(False), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_eval_forward_shapes_all_modes() -> None:
     for mode in MODES:
         model = tiny(mode).eval()

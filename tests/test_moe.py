@@ -242,12 +242,14 @@ def test_stacked_experts_match_loop(counts: list[int]) -> None:
             assert torch.all(gp_fast[0][e] == 0)  # w1
 
 
+@pytest.mark.parametrize("index_dtype", [torch.long, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_combine_matches_autograd_expression(dtype: torch.dtype) -> None:
+def test_combine_matches_autograd_expression(dtype: torch.dtype, index_dtype: torch.dtype) -> None:
     # combine() has a hand-written backward; it must equal autograd of the plain expression, with a
-    # token picked by several pairs, a token picked by none, and bf16 expert outputs (autocast).
+    # token picked by several pairs, a token picked by none, and bf16 expert outputs (autocast);
+    # with a long index and with the int32 index the layer passes on CPU (index_add_'s row loop).
     gen = torch.Generator().manual_seed(3)
-    tok = torch.tensor([0, 2, 4, 1, 2, 4, 2])  # token 3 unpicked, token 2 three times
+    tok = torch.tensor([0, 2, 4, 1, 2, 4, 2]).to(index_dtype)  # token 3 unpicked, token 2 thrice
     y = torch.randn(7, 5, generator=gen).to(dtype).requires_grad_()
     w = torch.rand(
         7, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32
@@ -274,6 +276,42 @@ def test_combine_matches_autograd_expression(dtype: torch.dtype) -> None:
     assert torch.all(got[0][3] == 0) and torch.all(got[0][5] == 0)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda a, b: combine(a, b, tok, 6, torch.float64), (y, w))
+
+
+def test_layer_gradients_equal_plain_indexing_reference() -> None:
+    # The layer gathers tokens and combine weights with index_select over an int32 index on CPU
+    # and combines with its own backward; all of it must equal autograd of the plain expression
+    # (long advanced indexing, an accumulating index_put_): output, input, router and expert grads.
+    layer = random_layer("diffmoe", E=4, D=8, pool_samples=2)
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    g = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(8))
+
+    def grads(fn):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fn()
+        (out * g).sum().backward()
+        names = ("router.weight", "experts.w1", "experts.b1", "experts.w2", "experts.b2")
+        params = dict(layer.named_parameters())
+        return [out.detach(), x.grad.clone()] + [params[n].grad.clone() for n in names]
+
+    got = grads(lambda: layer(x))
+    mask = layer.stats.route_mask  # [N, E] the selection of that forward
+
+    def reference() -> torch.Tensor:
+        xf = x.reshape(-1, 8)
+        scores = torch.softmax(layer.router(xf), -1)
+        exp, tok = mask.t().nonzero().unbind(1)  # grouped by expert, then token (long)
+        y = layer.experts.loop_forward(xf[tok], mask.sum(0))
+        out = torch.zeros_like(xf).index_put_(
+            (tok,), y * scores[tok, exp][:, None], accumulate=True
+        )
+        return out.view_as(x)
+
+    want = grads(reference)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
 
 
 def test_uneven_counts_cost_exact_flops() -> None:

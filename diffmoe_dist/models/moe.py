@@ -277,7 +277,8 @@ def combine(
     """Weighted scatter-add of expert outputs back to their tokens.
 
     y [M, D] expert outputs per (token, expert) pair, w [M] combine weights, tok [M] token of each
-    pair (long) -> [n, D] in ``dtype``; a token chosen by no expert gets zeros.
+    pair (int64, or int32: on CPU the faster index_add_) -> [n, D] in ``dtype``; a token chosen by
+    no expert gets zeros.
     """
     return _Combine.apply(y, w, tok, n, dtype)
 
@@ -455,12 +456,14 @@ class MoELayer(nn.Module):
         # Routing math in fp32 even under autocast: selection must not depend on bf16 rounding.
         scores = torch.softmax(self.router(xf).float(), dim=-1)  # [N, E]
         pred_logits = self.predictor(xf.detach()).float() if self.has_predictor else None
+        # the predictor's probabilities, computed once: routing statistics and the telemetry mask
+        probs = torch.sigmoid(pred_logits.detach()) if pred_logits is not None else None
         stats = MoEStats(tokens=N, num_experts=E)
-        mask = self._route(scores, pred_logits, B, T, stats)  # [N, E] bool, this rank's tokens
+        mask = self._route(scores, probs, B, T, stats)  # [N, E] bool, this rank's tokens
         if pred_logits is not None and self.training:
             stats.cp_loss = F.binary_cross_entropy_with_logits(pred_logits, mask.float())
-        if pred_logits is not None:
-            stats.pred_mask = torch.sigmoid(pred_logits.detach()) > self.thresholds
+        if probs is not None:
+            stats.pred_mask = probs > self.thresholds
         rows = self._rows_per_expert  # set by _route: every expert's row count when it is static
         if rows is not None:
             # Static shapes (expert choice, pools on this rank): exactly `rows` pairs per expert,
@@ -473,12 +476,19 @@ class MoELayer(nn.Module):
             counts_list, recv_list = self.dispatcher.host_counts(counts)
         # grouped by expert, then token index (nonzero's order) with a size known on the host
         exp_idx, tok_idx = torch.nonzero_static(mask.t(), size=sum(counts_list)).unbind(1)
-        weights = scores[tok_idx, exp_idx]  # [M] combine weights, not renormalised
+        # The gathers and the combine index with int32 on CPU: torch's CPU index_add_ (the combine,
+        # and index_select's backward) sends a long index along dim 0 to scatter_add's parallel
+        # sorted path, about 10x the plain row loop it takes for int32 here (docs/benchmarks.md).
+        idx_dt = torch.int32 if xf.device.type == "cpu" and N * E < 2**31 else torch.long
+        tok_g = tok_idx.to(idx_dt)
+        # [M] combine weights, not renormalised: scores[tok_idx, exp_idx] as one flat index_select
+        # (backward: one 1-D index_add_, not advanced indexing's accumulating index_put_)
+        weights = scores.reshape(-1).index_select(0, (tok_idx * E + exp_idx).to(idx_dt))
         # index_select, not xf[tok_idx]: its backward is one index_add_ instead of a zero-filled
         # accumulate-index_put (about 3x faster on CPU at N = 8192).
         # Tokens leave in the experts' compute dtype (bf16 under autocast or with bf16 weights), so
         # the all-to-all moves half the bytes of fp32 and bf16 weights are never copied to fp32.
-        x_sel = xf.index_select(0, tok_idx).to(expert_compute_dtype(xf, self.experts.w1))
+        x_sel = xf.index_select(0, tok_g).to(expert_compute_dtype(xf, self.experts.w1))
         y_sel = self.dispatcher.run_experts(
             x_sel,
             counts,
@@ -490,7 +500,7 @@ class MoELayer(nn.Module):
             static=rows is not None and self.training,
             recv_list=recv_list,
         )
-        out = combine(y_sel, weights, tok_idx, N, xf.dtype)
+        out = combine(y_sel, weights, tok_g, N, xf.dtype)
         stats.pairs = int(tok_idx.numel())
         stats.expert_counts = counts.detach()
         stats.token_pairs = mask.sum(1).detach()
@@ -537,7 +547,7 @@ class MoELayer(nn.Module):
     def _route(
         self,
         scores: torch.Tensor,
-        pred_logits: torch.Tensor | None,
+        probs: torch.Tensor | None,
         B: int,
         T: int,
         stats: MoEStats,
@@ -564,7 +574,6 @@ class MoELayer(nn.Module):
         # diffmoe
         pools, S, span = self._pools(B, T)
         pool_scores = self._pool_view(sel, pools, S, span)  # [pools, S, E]
-        probs = torch.sigmoid(pred_logits.detach()) if pred_logits is not None else None
         if self.training or self.infer_rule == "static":
             C = self.capacity if self.training else self.infer_capacity
             k = capacity_k(S, C, E)

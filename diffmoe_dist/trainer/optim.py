@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from diffmoe_dist.config import TrainConfig
@@ -54,13 +55,22 @@ def torch_adamw(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(params, foreach=True, **kw)
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def zero_grad(optimizer: torch.optim.Optimizer) -> None:
-    """Zero the gradients in place (set_to_none=False: the collectives see the same tensors on every
-    rank). apex FusedAdam's ``zero_grad()`` takes no argument (it was built with set_grad_none=False)."""
+    """Before a step's backward. Over several ranks the gradients are zeroed in place
+    (set_to_none=False: DDP's bucket views and the expert buckets' hooks keep the same tensors on
+    every rank). In a one-rank world nothing holds them, so they are freed instead: backward then
+    hands each parameter its new gradient tensor, without zeroing every gradient and adding into it
+    (two passes over 4x the dense model's parameters for DiffMoE-E16; the weights after the step
+    are the same, tests/test_model.py). apex FusedAdam's ``zero_grad()`` takes no argument (it was
+    built with set_grad_none=False)."""
     if getattr(optimizer, "step_in_param_groups", False):
         optimizer.zero_grad()
     else:
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=not _multi_rank())
 
 
 # apex FusedAdam counts steps in ``param_groups[i]["step"]`` (an int), not in the per-parameter state

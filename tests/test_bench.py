@@ -19,7 +19,6 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 from dist_utils import run_distributed  # noqa: E402
 
 from diffmoe_dist.bench.moe_bench import (  # noqa: E402
@@ -101,19 +100,19 @@ def test_bench_shape_json_schema() -> None:
 
 
 def test_bench_cli_json_and_bad_input(tmp_path) -> None:
-    import bench_moe
-    import plan_cluster
+    from diffmoe_dist.bench import moe_cli as bench_moe
+    from diffmoe_dist.planner import cli as plan_cluster
 
     buf = io.StringIO()
     argv = ["--json", "--widths", "32", "--experts", "4", "--tokens", "256", "--repeats", "1"]
     with contextlib.redirect_stdout(buf):
-        bench_moe.main(argv + ["--modes", "diffmoe"])
+        bench_moe.run(argv + ["--modes", "diffmoe"])
     result = json.loads(buf.getvalue())
     validate_result(result)
     with pytest.raises(SystemExit, match="multiples of 256"):
-        bench_moe.main(["--tokens", "300"])
+        bench_moe.run(["--tokens", "300"])
     with pytest.raises(SystemExit, match="positive"):
-        bench_moe.main(["--widths", "0"])
+        bench_moe.run(["--widths", "0"])
     # the planner takes the benchmark JSON as its compute calibration
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(result))
@@ -121,13 +120,13 @@ def test_bench_cli_json_and_bad_input(tmp_path) -> None:
     assert rates.dense_flops > 0 and rates.moe_flops > 0
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        out = plan_cluster.main(["--json", "--bench", str(path), "--nodes", "1", "--ep", "8"])
+        out = plan_cluster.run(["--json", "--bench", str(path), "--nodes", "1", "--ep", "8"])
     assert out["plans"] and out["recommended"] == {"DiffMoE-L-E16@1": 8, "DiffMoE-XL-E16@1": 8}
     with pytest.raises(SystemExit, match="ib_gbps=0"):
-        plan_cluster.main(["--ib-gbps", "0"])
+        plan_cluster.run(["--ib-gbps", "0"])
     # --profile: profiler tables of the dense FFN and the layer (their own matmuls show up)
     with contextlib.redirect_stdout(io.StringIO()):
-        tables = bench_moe.main(
+        tables = bench_moe.run(
             ["--profile", "--widths", "32", "--experts", "4", "--tokens", "256", "--modes", "ec"]
         )
     assert set(tables) == {"dense", "ec"}
@@ -138,41 +137,78 @@ def test_bench_cli_json_and_bad_input(tmp_path) -> None:
     other.write_text(json.dumps({**result, "cases": result["cases"][:1]}))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        merged = bench_moe.main(["--table", str(path), str(other)])
+        merged = bench_moe.run(["--table", str(path), str(other)])
     assert merged["cases"] == result["cases"] + result["cases"][:1]
     lines = buf.getvalue().splitlines()
     assert lines[0] == f"device: {result['device']}" and len(lines) == 2 + len(merged["cases"])
     assert lines[2].split()[:4] == ["dense", "32", "4", "256"]
     (tmp_path / "bad.json").write_text('{"device": "cpu"}')
     with pytest.raises(SystemExit, match="bad.json"):
-        bench_moe.main(["--table", str(tmp_path / "bad.json")])
+        bench_moe.run(["--table", str(tmp_path / "bad.json")])
     other.write_text(json.dumps({**result, "device": "NVIDIA H100, bf16"}))
     with pytest.raises(SystemExit, match="different devices"):
-        bench_moe.main(["--table", str(path), str(other)])
+        bench_moe.run(["--table", str(path), str(other)])
 
 
 # ----------------------------------------------------------------------------------------------------
 def test_param_counts_match_design_table_and_model() -> None:
     # DESIGN.md: S-E16 140.3M, B-E16 559.2M, L-E8 1176.0M, L-E16 1982.0M, XL-E16 about 2925M
-    for (depth, dim, e), total in [
-        ((12, 384, 16), 140.3e6),
-        ((12, 768, 16), 559.2e6),
-        ((24, 1024, 8), 1176.0e6),
-        ((24, 1024, 16), 1982.0e6),
-        ((28, 1152, 16), 2925e6),
+    for name, total in [
+        ("DiffMoE-S-E16", 140.3e6),
+        ("DiffMoE-B-E16", 559.2e6),
+        ("DiffMoE-L-E8", 1176.0e6),
+        ("DiffMoE-L-E16", 1982.0e6),
+        ("DiffMoE-XL-E16", 2925e6),
     ]:
-        pc = param_counts(depth, dim, e)
-        assert abs(pc["dense"] + pc["expert"] - total) < 0.06e6, (depth, dim, e)
-    # and exactly what the model holds (built on the meta device: no memory)
+        pc = param_counts(name)
+        assert abs(pc["dense"] + pc["expert"] - total) < 0.06e6, name
+
+
+@pytest.mark.parametrize(
+    "name", ["DiffMoE-S-E16", "DiffMoE-B-E16", "DiffMoE-L-E8", "DiffMoE-XL-E16"]
+)
+def test_planner_numbers_are_flops_and_params_of_the_model(name: str) -> None:
+    """One definition of each formula: the planner's FLOPs are models/flops.py's and its parameter
+    counts models/params.py's on the real model (built on the meta device, independently of the
+    planner), for registry sizes and two pool sizes (the pool sets k, hence the expert FLOPs)."""
     from diffmoe_dist.config import from_dict
     from diffmoe_dist.models.dit import DiffMoE
+    from diffmoe_dist.models.flops import train_flops_per_sample
     from diffmoe_dist.models.params import count_params
+    from diffmoe_dist.planner.cost_model import Rates
 
-    cfg = from_dict({"model": {"name": "DiffMoE-S-E16"}})
-    with torch.device("meta"):
-        model = DiffMoE(cfg.model, cfg.moe)
-    pc = param_counts(12, 384, 16)
-    assert pc["dense"] + pc["expert"] == count_params(model)["total"]
+    for pool, b in [(64, 32), (8, 8)]:
+        cfg = from_dict({"model": {"name": name}, "moe": {"pool_samples": pool}})
+        with torch.device("meta"):
+            counts = count_params(DiffMoE(cfg.model, cfg.moe))
+        rate = 1e12  # FLOP/s for dense parts and MoE FFNs alike: compute_ms = FLOPs / 1e9
+        p = plan(name, 1, 8, 8, global_batch=8 * b, pool_samples=pool, rates=Rates(rate, rate))
+        assert p.micro_batch == b
+        assert p.compute_ms == pytest.approx(b * train_flops_per_sample(cfg.model, cfg.moe) / 1e9)
+        expert = counts["expert"]
+        assert expert == cfg.model.depth // 2 * cfg.moe.num_experts * (
+            8 * cfg.model.hidden_size**2 + 5 * cfg.model.hidden_size
+        )  # D -> 4D -> D with biases, per expert and MoE layer
+        assert p.params_per_gpu == counts["total"] - expert + expert / 8
+        assert param_counts(name) == {"dense": counts["total"] - expert, "expert": expert}
+
+
+def test_moe_bench_flops_are_flops_py() -> None:
+    """bench_moe's per-token layer FLOPs (its floor and the planner's calibration) = 3 x flops.py's
+    forward count of the layer, less the capacity predictor's input gradient (input detached)."""
+    from diffmoe_dist.bench.moe_bench import flops_per_token
+    from diffmoe_dist.config import from_dict
+    from diffmoe_dist.models.flops import forward_flops_per_sample
+
+    for mode in ("tc", "ec", "diffmoe"):
+        cfg = from_dict({"model": {"name": "DiffMoE-S-E16"}, "moe": {"mode": mode}})
+        parts = forward_flops_per_sample(cfg.model, cfg.moe)
+        n_moe, T, D = cfg.model.depth // 2, 256, cfg.model.hidden_size
+        layer = sum(parts[k] for k in ("experts", "router", "predictor")) / (n_moe * T)
+        detached = 2 * D * D if mode == "diffmoe" else 0
+        assert flops_per_token(mode, D, 16) == pytest.approx(3 * layer - detached)
+    assert flops_per_token("dense", D, 16) == pytest.approx(3 * parts["ffn"] / (n_moe * T))
+    assert flop_floor("diffmoe", 384, 16) == pytest.approx(1 + (4 * 384 + 12 * 16) / (48 * 384))
 
 
 def test_moe_layer_bytes_hand_computed() -> None:
@@ -275,11 +311,11 @@ TOY_STEP = [
 
 @pytest.fixture(scope="module")
 def step_result():
-    import bench_step
+    from diffmoe_dist.bench import step_cli as bench_step
 
     argv = TOY_STEP + ["--images=2", "--ranks=1,2", "--repeats=2", "--warmup=1", "--json"]
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        result = bench_step.main(argv)
+        result = bench_step.run(argv)
     assert json.loads(out.getvalue()) == json.loads(json.dumps(result))  # --json prints the result
     return result
 
@@ -307,12 +343,12 @@ def test_bench_step_json(step_result) -> None:
 
 
 def test_bench_step_bad_variant() -> None:
-    import bench_step
+    from diffmoe_dist.bench import step_cli as bench_step
 
     with pytest.raises(SystemExit, match="NAME:key=value"):
-        bench_step.main(TOY_STEP + ["--variant", "novalue"])
+        bench_step.run(TOY_STEP + ["--variant", "novalue"])
     with pytest.raises(SystemExit, match="grad_reduce_dtype"):
-        bench_step.main(TOY_STEP + ["--ranks=1", "--set=train.grad_reduce_dtype=fp8"])
+        bench_step.run(TOY_STEP + ["--ranks=1", "--set=train.grad_reduce_dtype=fp8"])
 
 
 def test_plan_models_overlap_bf16_and_accumulation() -> None:
@@ -343,8 +379,7 @@ def test_plan_models_overlap_bf16_and_accumulation() -> None:
 def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     """plan_cluster --check-bench: cases made by plan() itself with known Links and Rates come back
     with zero error (both calibrations); other links do not; a JSON without cases names the file."""
-    import plan_cluster
-
+    from diffmoe_dist.planner import cli as plan_cluster
     from diffmoe_dist.planner.cost_model import Rates
 
     links, r1, img = Links(2.0, 2.0, 500.0), 40e9, 8  # 40 GFLOP/s on the whole 1-process machine
@@ -361,7 +396,8 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
             "model": "DiffMoE-S-E16", "variant": variant, "overrides": list(overrides),
             "ranks": ranks, "ep": ranks, "images_per_rank": img, "ms_median": p.step_ms,
             "exposed_comm_ms": exposed, "exposed_comm_frac": exposed / p.step_ms,
-            "tflops_per_rank": 0.001, "mfu_vs_measured_peak": 0.001e12 / (r1 / ranks), **kw,
+            "tflops_per_rank": 0.001, "mfu_vs_measured_peak": 0.001e12 / (r1 / ranks),
+            "ms_spread": 0.0, **kw,
         }  # fmt: skip
 
     dense = {**case(2), "model": "Dense-DiT-S", "ep": 1}
@@ -371,7 +407,7 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
     argv = ["--check-bench", str(path), "--link-gbps", "2", "--link-latency-us", "500", "--json"]
     with contextlib.redirect_stdout(io.StringIO()):
-        out = plan_cluster.main(argv)
+        out = plan_cluster.run(argv)
     assert [c["calibration"] for c in out["checks"]] == ["peak", "one-rank"]
     for chk in out["checks"]:
         assert [(r["ranks"], r["variant"]) for r in chk["rows"]] == [
@@ -385,13 +421,95 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     # faster links than the ones the numbers were made with: the exposed time is under-predicted
     argv[3] = "8"
     with contextlib.redirect_stdout(io.StringIO()):
-        fast = plan_cluster.main(argv[:-1] + ["--calibration", "peak"])
+        fast = plan_cluster.run(argv[:-1] + ["--calibration", "peak"])
     assert all(r["exposed_rel_err"] < -0.3 for r in fast["checks"][0]["rows"])
     # bad input: clear errors naming the file
     bad = tmp_path / "nocases.json"
     bad.write_text(json.dumps({"device": "cpu"}))
     with pytest.raises(SystemExit, match=f"{bad}.*no 'cases'"):
-        plan_cluster.main(["--check-bench", str(bad), "--link-gbps", "2"])
+        plan_cluster.run(["--check-bench", str(bad), "--link-gbps", "2"])
     path.write_text(json.dumps({"device": "x", "cases": [c for c in cases if c["ranks"] > 1]}))
     with pytest.raises(SystemExit, match=f"{path}.*ranks=1 case of DiffMoE-S-E16"):
-        plan_cluster.main(argv[:-1] + ["--calibration", "one-rank"])
+        plan_cluster.run(argv[:-1] + ["--calibration", "one-rank"])
+
+
+def test_tools_are_shells_over_the_package(tmp_path, step_result) -> None:
+    """tools/plan_cluster.py, bench_step.py, bench_moe.py run as scripts (exit 0) and print what the
+    package's run() returns: the logic lives in diffmoe_dist.planner.cli / bench.step_cli / moe_cli."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps(step_result))
+
+    def tool(*argv: str) -> str:
+        cmd = [sys.executable, os.path.join(root, "tools", argv[0]), *argv[1:]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    argv = ["--models", "DiffMoE-S-E16", "--nodes", "1", "--ep", "8", "--json"]
+    out = json.loads(tool("plan_cluster.py", *argv))
+    assert out["recommended"] == {"DiffMoE-S-E16@1": 8}
+    table = tool("bench_step.py", "--table", str(step))
+    assert table.splitlines()[0] == f"device: {step_result['device']}"
+    assert len(table.splitlines()) == 2 + len(step_result["cases"])
+    assert "usage: bench_moe.py" in tool("bench_moe.py", "--help")
+
+
+def test_plan_rank_skew_and_its_check(tmp_path) -> None:
+    """The skew term: sigma x E[max of W normals] x compute, waited in collectives (exposed); the
+    check takes sigma from the 1-rank case's spread (one-rank) or the case's per-rank busy times
+    (per-rank), and reports the lockstep prediction beside it."""
+    from diffmoe_dist.planner import cli as plan_cluster
+    from diffmoe_dist.planner.cost_model import expected_max_normal
+
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / torch.pi**0.5, abs=1e-6)
+    assert expected_max_normal(4) == pytest.approx(1.029375, abs=1e-5)
+    lock = plan("DiffMoE-XL-E16", 8, 8, 8, global_batch=2048)
+    noisy = plan("DiffMoE-XL-E16", 8, 8, 8, global_batch=2048, rank_noise=0.02)
+    assert lock.skew_ms == 0.0
+    assert noisy.skew_ms == pytest.approx(0.02 * expected_max_normal(64) * noisy.compute_ms)
+    assert noisy.step_ms == pytest.approx(lock.step_ms + noisy.skew_ms)
+    one_node = plan("DiffMoE-XL-E16", 1, 8, 8, global_batch=256, rank_noise=0.02)
+    assert one_node.skew_ms < noisy.skew_ms  # the slowest of 64 is slower than the slowest of 8
+    with pytest.raises(ValueError, match="rank_noise=-0.1"):
+        plan("DiffMoE-XL-E16", 1, 8, 8, rank_noise=-0.1)
+    # check: a 1-rank case whose repeats spread by IQR = 1.349 x 10% of its median -> sigma = 0.1
+    base = {
+        "model": "DiffMoE-S-E16", "variant": "default", "images_per_rank": 8,
+        "tflops_per_rank": 0.001, "mfu_vs_measured_peak": 0.01,
+    }  # fmt: skip
+    one = {**base, "ranks": 1, "ep": 1, "ms_median": 1000.0, "ms_spread": 134.9}
+    one.update(exposed_comm_frac=0.0, exposed_comm_ms=0.0)
+    # two ranks; busy times (step - exposed) 900 / 1100 in every repeat: per-rank skew 10%
+    per_rank = [
+        {"ms": [1200.0] * 3, "exposed_ms": [300.0] * 3},
+        {"ms": [1200.0] * 3, "exposed_ms": [100.0] * 3},
+    ]
+    two = {**base, "ranks": 2, "ep": 2, "ms_median": 1200.0, "ms_spread": 0.0, "per_rank": per_rank}
+    two.update(exposed_comm_frac=0.25, exposed_comm_ms=300.0)
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps({"device": "hand-made", "cases": [one, two]}))
+    argv = ["--check-bench", str(path), "--link-gbps", "2", "--calibration", "one-rank", "--json"]
+    rows = {}
+    for skew in ("none", "one-rank", "per-rank"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            rows[skew] = plan_cluster.run(argv + ["--skew", skew])["checks"][0]["rows"][0]
+    e2 = expected_max_normal(2)
+    assert rows["none"]["pred_skew_ms"] == 0.0 and rows["none"]["rank_noise"] == 0.0
+    assert rows["one-rank"]["rank_noise"] == pytest.approx(0.1)
+    assert rows["per-rank"]["rank_noise"] == pytest.approx(0.1 / e2)
+    for r in rows.values():
+        assert r["meas_exposed_ms"] == pytest.approx(200.0)  # mean over ranks, not rank 0's 300
+        assert r["pred_skew_ms"] == pytest.approx(r["rank_noise"] * e2 * r["pred_compute_ms"])
+        assert r["pred_exposed_ms"] == pytest.approx(
+            r["pred_exposed_lockstep_ms"] + r["pred_skew_ms"]
+        )
+        assert r["pred_exposed_lockstep_ms"] == pytest.approx(rows["none"]["pred_exposed_ms"])
+    # a case from before per_rank existed: per-rank skew is a clear error naming the case
+    two.pop("per_rank")
+    path.write_text(json.dumps({"device": "hand-made", "cases": [one, two]}))
+    with pytest.raises(SystemExit, match="ranks=2.*per_rank"):
+        plan_cluster.run(argv + ["--skew", "per-rank"])

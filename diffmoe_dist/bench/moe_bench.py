@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffmoe_dist.bench.common import check_cases
-from diffmoe_dist.models.flops import peak_bf16_flops
+from diffmoe_dist.models.flops import ffn_forward_flops_per_token, peak_bf16_flops
 from diffmoe_dist.models.moe import MOE_MODES, FeedForward, LocalDispatcher, MoELayer
 
 TOKENS_PER_IMAGE = 256  # 32x32x4 latents, patch 2
@@ -57,17 +57,16 @@ OPTIONAL_KEYS = ("flop_floor", "speedup_vs_loop", "tflops", "mfu")
 
 # ----------------------------------------------------------------------------------------------------
 def flops_per_token(mode: str, dim: int, num_experts: int, capacity: float = 1.0) -> float:
-    """Forward + backward FLOPs per token of one layer (see the module docstring)."""
-    ffn = 48.0 * dim * dim
-    if mode == "dense":
-        return ffn
-    if mode not in MOE_MODES:
+    """Forward + backward FLOPs per token of one layer (see the module docstring): 3 x the forward
+    count of models/flops.py, less the capacity predictor's input gradient (its input is detached)."""
+    if mode != "dense" and mode not in MOE_MODES:
         raise ValueError(f"mode {mode!r}; expected dense or one of {MOE_MODES}")
-    extra = 6.0 * dim * num_experts  # router
-    if mode == "diffmoe":
-        extra += 4.0 * dim * dim + 6.0 * dim * num_experts  # capacity predictor
     pairs = 1.0 if mode == "tc" else capacity  # tc: exactly one expert per token
-    return ffn * pairs + extra
+    parts = ffn_forward_flops_per_token(mode, dim, 4 * dim, num_experts, pairs)
+    total = 3.0 * sum(parts.values())
+    if "predictor" in parts:
+        total -= 2.0 * dim * dim  # no input gradient through Linear(D, D): x.detach()
+    return total
 
 
 def flop_floor(mode: str, dim: int, num_experts: int, capacity: float = 1.0) -> float:

@@ -77,7 +77,14 @@ REQUIRED_KEYS = (
     "mfu_vs_measured_peak",
     "peak_mem_mb",
 )
-OPTIONAL_KEYS = ("variant", "overrides", "tflops_per_rank", "exposed_comm_ms", "sync_ops")
+OPTIONAL_KEYS = (
+    "variant",
+    "overrides",
+    "tflops_per_rank",
+    "exposed_comm_ms",
+    "sync_ops",
+    "per_rank",
+)
 
 # aten ops that make the host wait for a device result (their output shape or value is data).
 SYNC_OPS = {
@@ -502,6 +509,15 @@ def summarize(spec: StepSpec, per_rank: list[dict[str, Any]]) -> list[dict[str, 
                     "peak_mem_mb": round(
                         max(pr["cases"][key]["peak_mem_mb"] for pr in per_rank), 2
                     ),
+                    # every rank's step and exposed time per repeat (ms): the rank skew the
+                    # planner check calibrates on (planner/check.py)
+                    "per_rank": [
+                        {
+                            "ms": [round(v, 3) for v in pr["cases"][key]["ms"]],
+                            "exposed_ms": [round(v, 3) for v in pr["cases"][key]["exposed_ms"]],
+                        }
+                        for pr in per_rank
+                    ],
                 }
             )
     return cases

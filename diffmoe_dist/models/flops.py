@@ -73,6 +73,31 @@ def moe_pairs_per_token(moe: MoEConfig, tokens_per_sample: int) -> float:
     raise ValueError(f"moe.mode={moe.mode!r} has no experts")
 
 
+def ffn_forward_flops_per_token(
+    mode: str,
+    dim: int,
+    hidden: int,
+    num_experts: int = 0,
+    pairs: float = 1.0,
+    predictor: bool = True,
+) -> dict[str, float]:
+    """Forward FLOPs per token of one FFN layer, by part.
+
+    dense: {"ffn"}; an MoE layer: {"experts", "router"} (+ {"predictor"} for diffmoe with a capacity
+    predictor), ``pairs`` = (token, expert) pairs per token (``moe_pairs_per_token``). Expert FFN
+    D -> hidden -> D: 4 D hidden per pair; router Linear(D, E); predictor Linear(D, D) -> Linear(D, E).
+    """
+    ffn = 4.0 * dim * hidden
+    if mode == "dense":
+        return {"ffn": ffn}
+    if mode not in ("tc", "ec", "diffmoe"):
+        raise ValueError(f"moe.mode={mode!r}; expected dense, tc, ec or diffmoe")
+    parts = {"experts": ffn * pairs, "router": 2.0 * dim * num_experts}
+    if mode == "diffmoe" and predictor:
+        parts["predictor"] = 2.0 * dim * dim + 2.0 * dim * num_experts
+    return parts
+
+
 def forward_flops_per_sample(model: ModelConfig, moe: MoEConfig) -> dict[str, float]:
     """Forward FLOPs of one sample, by part, and their ``total`` (see the module docstring)."""
     if model.input_size % model.patch_size:
@@ -84,23 +109,23 @@ def forward_flops_per_sample(model: ModelConfig, moe: MoEConfig) -> dict[str, fl
     T = (model.input_size // model.patch_size) ** 2
     patch = model.patch_size**2 * model.in_channels
     n_moe = L // 2 if moe.mode != "dense" else 0  # odd-indexed blocks carry the MoE FFN
-    ffn_tok = 4.0 * D * H  # D -> H -> D per token
     parts = {
         "embed": 2.0 * T * patch * D + 2.0 * (FREQ_EMBED * D + D * D),
         "adaln": L * 2.0 * D * 6 * D + 2.0 * D * 2 * D,
         "attention": L * (2.0 * T * D * 3 * D + 4.0 * T * T * D + 2.0 * T * D * D),
-        "ffn": (L - n_moe) * T * ffn_tok,
+        "ffn": (L - n_moe) * T * ffn_forward_flops_per_token("dense", D, H)["ffn"],
         "experts": 0.0,
         "router": 0.0,
         "predictor": 0.0,
         "final": 2.0 * T * D * patch,
     }
     if n_moe:
-        E = moe.num_experts
-        parts["experts"] = n_moe * T * ffn_tok * moe_pairs_per_token(moe, T)
-        parts["router"] = n_moe * 2.0 * T * D * E
-        if moe.mode == "diffmoe" and moe.predictor:
-            parts["predictor"] = n_moe * (2.0 * T * D * D + 2.0 * T * D * E)
+        pairs = moe_pairs_per_token(moe, T)
+        layer = ffn_forward_flops_per_token(
+            moe.mode, D, H, moe.num_experts, pairs, predictor=moe.predictor
+        )
+        for k, v in layer.items():
+            parts[k] = n_moe * T * v
     parts["total"] = sum(parts.values())
     return parts
 

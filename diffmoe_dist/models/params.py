@@ -2,7 +2,9 @@
 
 total: every parameter, router and capacity predictor included (the expert count is the global one,
 whatever slice this rank holds). activated (dense-equivalent): what one token passes through, i.e.
-one expert per MoE layer, no router, no predictor, so DiffMoE-L-E16 counts as DiT-L.
+one expert per MoE layer, no router, no predictor, so DiffMoE-L-E16 counts as DiT-L. expert: the
+parameters of all experts of all MoE layers (what expert parallelism splits over ep ranks; every
+rank holds the rest, total - expert). The planner (planner/cost_model.py) counts with these too.
 
     python tools/count_params.py --config configs/X.yaml [--set k=v ...] [--json]
     python tools/count_params.py --name DiffMoE-L-E16 [--json]
@@ -27,7 +29,8 @@ from diffmoe_dist.transport.objective import model_out_channels
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    total = activated = 0
+    """{"total", "activated", "expert"} of ``model`` (module docstring)."""
+    total = activated = expert = 0
     moe_ids: set[int] = set()
     for layer in model.modules():
         if isinstance(layer, MoELayer) and layer.mode != "dense":
@@ -39,12 +42,13 @@ def count_params(model: nn.Module) -> dict[str, int]:
             per_expert = sum(p.numel() for p in ex.parameters()) // ex.num_experts
             total += n_router + n_pred + per_expert * layer.num_experts
             activated += per_expert
+            expert += per_expert * layer.num_experts
             moe_ids.update(id(p) for p in layer.parameters())
     for p in model.parameters():
         if id(p) not in moe_ids:
             total += p.numel()
             activated += p.numel()
-    return {"total": total, "activated": activated}
+    return {"total": total, "activated": activated, "expert": expert}
 
 
 def count_config_params(cfg: Config) -> dict[str, int]:

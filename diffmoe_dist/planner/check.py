@@ -20,11 +20,23 @@ Rates  one FLOP/s for dense parts and MoE FFNs alike, per rank, either
                      the planner does not model (optimizer, EMA, threshold update, batch and noise,
                      Python overhead, the host syncs of telemetry) into the rate, as a term
                      proportional to the compute.
-Predicted exposed communication = plan's all-to-all + exposed gradient sync; measured = the case's
-``exposed_comm_ms`` (rank 0's median), which also holds the threshold and grad-norm all-reduces
-(a few latencies). Not modelled at all: CPU contention between gloo's threads and compute (on a
-2-core machine the "overlapped" reduction competes with backward for the same cores), and
-Dense-DiT cases (the planner models DiffMoE only; they are skipped with a reason).
+Skew   plan()'s ``rank_noise`` sigma (waiting for the slowest rank: cost_model, "Rank skew"), one of
+       ``none``      ranks in lockstep (the planner before the skew term);
+       ``one-rank``  sigma = the 1-process case's repeat-to-repeat spread, IQR / 1.349 / median (a
+                     normal's standard deviation from its interquartile range): how much one
+                     process's step varies under this machine's load, measured without any
+                     collective; a prediction of the W-rank waiting, not a fit to it;
+       ``per-rank``  sigma = this case's own skew (median over repeats of max over ranks / mean
+                     over ranks of the busy time, step - exposed, minus 1) / e(W): a decomposition
+                     of the measured waiting into skew, for reference (it reads the same run's
+                     exposed times, so it is not an independent prediction).
+Predicted exposed communication = plan's all-to-all + exposed gradient sync + skew; measured = the
+mean over ranks of each rank's median exposed time when the case has ``per_rank`` (the slowest rank
+waits least, so rank 0 alone is biased), else ``exposed_comm_ms`` (rank 0's median); both also hold
+the threshold and grad-norm all-reduces (a few latencies). Not modelled at all: CPU contention
+between gloo's threads and compute (on a 2-core machine the "overlapped" reduction competes with
+backward for the same cores), and Dense-DiT cases (the planner models DiffMoE only; they are
+skipped with a reason).
 """
 
 from __future__ import annotations
@@ -34,9 +46,11 @@ import statistics
 import time
 from typing import Any
 
-from diffmoe_dist.planner.cost_model import MODELS, Links, Rates, plan
+from diffmoe_dist.planner.cost_model import MODELS, Links, Rates, expected_max_normal, plan
 
 CALIBRATIONS = ("peak", "one-rank")
+SKEWS = ("none", "one-rank", "per-rank")
+IQR_PER_SIGMA = 1.349  # interquartile range of a normal distribution, in standard deviations
 
 
 def _overrides(case: dict) -> dict[str, str]:
@@ -47,7 +61,9 @@ def _overrides(case: dict) -> dict[str, str]:
     return out
 
 
-def _plan_case(case: dict, links: Links, rate: float, elem_bytes: int) -> Any:
+def _plan_case(
+    case: dict, links: Links, rate: float, elem_bytes: int, rank_noise: float = 0.0
+) -> Any:
     """plan() for one bench_step case: one node of ``ranks`` GPUs, pool = images per rank."""
     ov = _overrides(case)
     W, img = int(case["ranks"]), int(case["images_per_rank"])
@@ -66,7 +82,42 @@ def _plan_case(case: dict, links: Links, rate: float, elem_bytes: int) -> Any:
         grad_reduce_dtype=ov.get("train.grad_reduce_dtype", "fp32"),
         accum=accum,
         bucket_mb=float(ov.get("train.grad_bucket_mb", 25.0)),
+        rank_noise=rank_noise,
     )
+
+
+def _one_rank_case(cases: list[dict], c: dict) -> dict | None:
+    """The 1-process case of ``c``'s model and images (same variant first, else any variant)."""
+    same = [
+        o
+        for o in cases
+        if int(o["ranks"]) == 1
+        and o["model"] == c["model"]
+        and o["images_per_rank"] == c["images_per_rank"]
+    ]
+    variant = c.get("variant", "default")
+    return next((o for o in same if o.get("variant", "default") == variant), None) or (
+        same[0] if same else None
+    )
+
+
+def per_rank_skew(case: dict) -> float:
+    """Median over repeats of (max over ranks / mean over ranks of busy = step - exposed) - 1."""
+    ranks = case.get("per_rank")
+    if not ranks or len(ranks) < 2:
+        raise ValueError("no per_rank times (a bench_step.py --json result before the skew check)")
+    skews = []
+    for r in range(min(len(pr["ms"]) for pr in ranks)):
+        busy = [pr["ms"][r] - pr["exposed_ms"][r] for pr in ranks]
+        skews.append(max(busy) / statistics.mean(busy) - 1)
+    return statistics.median(skews)
+
+
+def measured_exposed_ms(case: dict) -> float:
+    """Mean over ranks of each rank's median exposed time (rank 0's median without per_rank)."""
+    if case.get("per_rank"):
+        return statistics.mean(statistics.median(pr["exposed_ms"]) for pr in case["per_rank"])
+    return case.get("exposed_comm_ms", case["exposed_comm_frac"] * case["ms_median"])
 
 
 def _unsupported(case: dict) -> str | None:
@@ -86,8 +137,12 @@ def check_bench(
     calibration: str = "peak",
     elem_bytes: int = 4,
     source: str = "bench JSON",
+    skew: str = "one-rank",
 ) -> dict[str, Any]:
     """Predicted vs measured step and exposed communication of every DiffMoE case of ``bench``.
+
+    ``skew``: how plan()'s rank_noise is set (module docstring, SKEWS); every row also holds the
+    lockstep prediction (``pred_exposed_lockstep_ms``) for a before/after from the same run.
 
     ``links_by_world``: the Links measured on W ranks, for every W of a multi-rank case.
     ``elem_bytes``: bytes per activation element of the run (4 for bench_step's CPU fp32 default).
@@ -96,6 +151,8 @@ def check_bench(
     """
     if calibration not in CALIBRATIONS:
         raise ValueError(f"calibration={calibration!r}; expected one of {CALIBRATIONS}")
+    if skew not in SKEWS:
+        raise ValueError(f"skew={skew!r}; expected one of {SKEWS}")
     cases = bench.get("cases") if isinstance(bench, dict) else None
     if not cases or not isinstance(cases, list):
         raise ValueError(
@@ -124,33 +181,34 @@ def check_bench(
             rate = c["tflops_per_rank"] * 1e12 / c["mfu_vs_measured_peak"]
             rsrc = f"matmul peak {rate / 1e9:.1f} GFLOP/s per rank"
         else:
-            ones = [
-                o
-                for o in cases
-                if int(o["ranks"]) == 1
-                and o["model"] == c["model"]
-                and o["images_per_rank"] == c["images_per_rank"]
-                and o.get("variant", "default") == c.get("variant", "default")
-            ] or [
-                o
-                for o in cases
-                if int(o["ranks"]) == 1
-                and o["model"] == c["model"]
-                and o["images_per_rank"] == c["images_per_rank"]
-            ]
-            if not ones:
+            one = _one_rank_case(cases, c)
+            if one is None:
                 raise ValueError(
                     f"{source}: calibration one-rank needs a ranks=1 case of {c['model']} at "
                     f"{c['images_per_rank']} images (run bench_step with --ranks 1,{W})"
                 )
-            one = ones[0]
             flops_ms = _plan_case(one, Links(), 1e3, elem_bytes).compute_ms  # = FLOPs at 1 FLOP/ms
             r1 = flops_ms / one["ms_median"] * 1e3
             rate = r1 / W
             rsrc = f"1-rank step: {r1 / 1e9:.1f} GFLOP/s effective / {W} ranks"
-        p = _plan_case(c, links_by_world[W], rate, elem_bytes)
-        exp_ms = c.get("exposed_comm_ms", c["exposed_comm_frac"] * c["ms_median"])
-        pred_exp = p.a2a_ms + p.grad_sync_ms
+        if skew == "none":
+            noise = 0.0
+        elif skew == "per-rank":
+            try:
+                noise = per_rank_skew(c) / expected_max_normal(W)
+            except ValueError as e:
+                raise ValueError(f"{source}: {label}: skew per-rank: {e}") from None
+        else:
+            one = _one_rank_case(cases, c)
+            if one is None or "ms_spread" not in one:
+                raise ValueError(
+                    f"{source}: skew one-rank needs a ranks=1 case of {c['model']} at "
+                    f"{c['images_per_rank']} images with ms_spread (bench_step --ranks 1,{W})"
+                )
+            noise = one["ms_spread"] / IQR_PER_SIGMA / one["ms_median"]
+        p = _plan_case(c, links_by_world[W], rate, elem_bytes, noise)
+        exp_ms = measured_exposed_ms(c)
+        pred_exp = p.a2a_ms + p.grad_sync_ms + p.skew_ms
         rows.append(
             {
                 "model": c["model"],
@@ -163,6 +221,10 @@ def check_bench(
                 "pred_compute_ms": p.compute_ms,
                 "pred_a2a_ms": p.a2a_ms,
                 "pred_grad_sync_ms": p.grad_sync_ms,
+                "skew": skew,
+                "rank_noise": noise,
+                "pred_skew_ms": p.skew_ms,
+                "pred_exposed_lockstep_ms": p.a2a_ms + p.grad_sync_ms,
                 "pred_step_ms": p.step_ms,
                 "meas_step_ms": c["ms_median"],
                 "step_rel_err": p.step_ms / c["ms_median"] - 1,
@@ -175,7 +237,7 @@ def check_bench(
         )
     if not rows:
         raise ValueError(f"{source}: no DiffMoE case on 2 or more ranks to check ({skipped})")
-    return {"calibration": calibration, "rows": rows, "skipped": skipped}
+    return {"calibration": calibration, "skew": skew, "rows": rows, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------------

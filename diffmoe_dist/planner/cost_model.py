@@ -5,12 +5,12 @@ Everything is per GPU and per training step (forward + backward + gradient sync)
 as parallel/layout.py builds them), global batch G, pool of ``pool_samples`` images, T = 256 tokens
 per image. Units: bytes, GB/s (1e9 bytes/s), milliseconds.
 
-Compute. FLOPs per token, forward + backward (= 3x forward; moe_bench.flops_per_token for the FFNs):
-  every block   attention projections 3 x 8 D^2, attention scores 3 x 4 T D, adaLN 3 x 12 D^2 / T
-  dense FFN     48 D^2 (blocks 0, 2, 4, ...)
-  MoE FFN       48 D^2 C + router 6 DE + predictor 4 D^2 + 6 DE (blocks 1, 3, 5, ...)
-divided by an achieved FLOP/s: measured by bench_moe.py (``calibrate``: the dense FFN's rate for the
-dense parts, the diffmoe layer's rate for the MoE FFNs) or a default of 40% of an H100's bf16 peak.
+Compute. The model's FLOPs are models/flops.py's (``forward_flops_per_sample`` of the registry
+model at this pool size, x 3 for forward + backward, the trainer's MFU convention): the MoE FFNs
+(experts, router, capacity predictor) apart from the rest (embedding, adaLN, attention, dense FFNs,
+final layer), each divided by an achieved FLOP/s: measured by bench_moe.py (``calibrate``: the
+dense FFN's rate for the dense parts, the diffmoe layer's rate for the MoE FFNs) or a default of 40%
+of an H100's bf16 peak. Parameter counts are models/params.py's (the model built on the meta device).
 
 Communication per MoE layer per step, bytes this rank sends (parallel/dispatch.py counts the same):
   tokens  4 N C D b (ep - 1) / ep     dispatch + return, forward + backward; N tokens on this rank,
@@ -32,6 +32,16 @@ NVLink. What the trainer does
   overlap=False  exposed = the whole sync (train.grad_reduce=flat)
 Gradient accumulation (``accum`` micro-batches per step, train.grad_accum_steps): compute and
 all-to-all scale with accum at micro-batch G / (W accum), the sync does not.
+Rank skew (``rank_noise``): every collective above is synchronous across its group, so each one
+waits for the slowest rank to arrive. With each rank's compute time varying independently by a
+relative standard deviation sigma (OS and load noise on a shared CPU, clock and thermal jitter,
+stragglers on a GPU cluster; routing itself adds none: under expert choice with pools on one rank
+every rank gets exactly k tokens per expert), the step runs at the pace of the slowest of W ranks:
+  skew = sigma x e(W) x compute,   e(W) = E[max of W standard normals] (0, 0.56, 1.03, 1.42 for
+                                   W = 1, 2, 4, 8; 2.34 for 64)
+added to the step and counted as exposed communication (it is time spent waiting in collectives).
+sigma = 0 (the default) is ranks in lockstep. planner/check.py calibrates sigma on a CPU from the
+1-process step's repeat-to-repeat spread.
 These are a model's assumptions, not measurements.
 
 Memory per GPU: parameters this rank holds (dense + E/ep experts of each MoE layer) x 20 bytes (fp32
@@ -41,20 +51,19 @@ D (34 + 5 heads T / D) bytes per token per block (Megatron-LM's estimate for a t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 from diffmoe_dist.bench.moe_bench import TOKENS_PER_IMAGE, flops_per_token
+from diffmoe_dist.config import Config, from_dict
+from diffmoe_dist.models.flops import forward_flops_per_sample
+from diffmoe_dist.models.params import count_config_params
+from diffmoe_dist.models.registry import REGISTRY
 
-# name -> (depth, width, heads, experts); the DiT-L / XL sizes of models/registry.py
-MODELS: dict[str, tuple[int, int, int, int]] = {
-    "DiffMoE-S-E16": (12, 384, 6, 16),
-    "DiffMoE-B-E16": (12, 768, 12, 16),
-    "DiffMoE-L-E8": (24, 1024, 16, 8),
-    "DiffMoE-L-E16": (24, 1024, 16, 16),
-    "DiffMoE-XL-E8": (28, 1152, 16, 8),
-    "DiffMoE-XL-E16": (28, 1152, 16, 16),
-}
+# The models the planner can lay out: the registry's DiffMoE sizes (its routing with a pool).
+MODELS: tuple[str, ...] = tuple(n for n in REGISTRY if REGISTRY[n]["moe"]["mode"] == "diffmoe")
+MOE_PARTS = ("experts", "router", "predictor")  # flops.py parts computed by the MoE FFNs
 H100_BF16 = 989.4e12
 DEFAULT_RATE = 0.4 * H100_BF16  # FLOP/s when no benchmark JSON is given
 BYTES_PER_PARAM = 20  # fp32 weight + grad + AdamW m, v + EMA copy
@@ -95,6 +104,7 @@ class Plan:
     compute_ms: float
     a2a_ms: float
     grad_sync_ms: float
+    skew_ms: float  # waiting for the slowest rank at the collectives (rank_noise)
     step_ms: float
     a2a_share: float
     a2a_bytes_per_layer: dict[str, float]
@@ -104,29 +114,36 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------------------------------
-def param_counts(
-    depth: int,
-    dim: int,
-    num_experts: int,
-    num_classes: int = 1000,
-    patch: int = 2,
-    channels: int = 4,
-) -> dict[str, int]:
-    """{'dense': parameters every rank holds, 'expert': all experts' parameters} of a DiffMoE.
+def model_config(model: str, pool_samples: int = 64) -> Config:
+    """The registry's ``model`` at 256 px (32x32x4 latents, patch 2: 256 tokens per image)."""
+    if model not in MODELS:
+        raise ValueError(f"model {model!r}; known: {', '.join(MODELS)}")
+    cfg = from_dict({"model": {"name": model}, "moe": {"pool_samples": pool_samples}})
+    tokens = (cfg.model.input_size // cfg.model.patch_size) ** 2
+    if tokens != TOKENS_PER_IMAGE:  # the byte counts below assume it
+        raise ValueError(f"{model}: {tokens} tokens per image, the planner assumes 256")
+    return cfg
 
-    Hand count of models/dit.py: patch embed, frozen positions, timestep MLP (256 -> D -> D), label
-    table (+ null class), per block attention (4 D^2 + 4 D) and adaLN (6 D^2 + 6 D), FFN 8 D^2 + 5 D,
-    per MoE layer router E D and predictor D^2 + D + D E + E, final layer.
-    """
-    D, E, T = dim, num_experts, TOKENS_PER_IMAGE
-    pp = patch * patch * channels
-    embed = (pp * D + D) + T * D + (256 * D + D + D * D + D) + (num_classes + 1) * D
-    final = (2 * D * D + 2 * D) + (D * pp + pp)
-    n_moe = depth // 2
-    ffn = 8 * D * D + 5 * D
-    dense = embed + final + depth * (10 * D * D + 10 * D) + (depth - n_moe) * ffn
-    dense += n_moe * (E * D + D * D + D + D * E + E)
-    return {"dense": dense, "expert": n_moe * E * ffn}
+
+def param_counts(model: str) -> dict[str, int]:
+    """{'dense': parameters every rank holds, 'expert': all experts' parameters} of a registry
+    DiffMoE (models/params.py on the model built on the meta device)."""
+    return dict(_param_counts(model))
+
+
+@functools.cache
+def _param_counts(model: str) -> tuple[tuple[str, int], ...]:
+    pc = count_config_params(model_config(model))  # ~0.1-0.3 s a build: once per model
+    return (("dense", pc["total"] - pc["expert"]), ("expert", pc["expert"]))
+
+
+def train_flops_per_sample(model: str, pool_samples: int = 64) -> dict[str, float]:
+    """{'dense': FLOPs of the parts every rank computes, 'moe': of the MoE FFNs} per training sample
+    (forward + backward = 3 x models/flops.py's forward count)."""
+    cfg = model_config(model, pool_samples)
+    parts = forward_flops_per_sample(cfg.model, cfg.moe)
+    moe = sum(parts[k] for k in MOE_PARTS)
+    return {"dense": 3.0 * (parts["total"] - moe), "moe": 3.0 * moe}
 
 
 def moe_layer_bytes(
@@ -177,6 +194,30 @@ def calibrate(bench: dict, dim: int | None = None) -> Rates:
     return Rates(dense, moe, src)
 
 
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals] (0 for n = 1), by numerical integration of
+    x d/dx Phi(x)^n over [-10, 10] (error below 1e-6 for n <= 10^4)."""
+    if n < 1:
+        raise ValueError(f"n={n}: need at least one rank")
+    if n == 1:
+        return 0.0
+    h, total = 1e-3, 0.0
+    for i in range(-10_000, 10_000):
+        x = (i + 0.5) * h
+        cdf = 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+        total += x * n * cdf ** (n - 1) * math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) * h
+    return total
+
+
+_EXPECTED_MAX: dict[int, float] = {}
+
+
+def _expected_max_cached(n: int) -> float:
+    if n not in _EXPECTED_MAX:
+        _EXPECTED_MAX[n] = expected_max_normal(n)
+    return _EXPECTED_MAX[n]
+
+
 def _split_time(nbytes: float, group: int, gpus_per_node: int, links: Links) -> float:
     """Seconds to send ``nbytes`` spread evenly over the other ``group - 1`` ranks of a consecutive
     group: destinations in the same node at NVLink speed, the rest at InfiniBand speed."""
@@ -213,16 +254,26 @@ def plan(
     grad_reduce_dtype: str = "fp32",
     accum: int = 1,
     bucket_mb: float = 25.0,
+    rank_noise: float = 0.0,
 ) -> Plan:
-    """Predict one training step of ``model`` on this layout (ValueError naming the numbers)."""
+    """Predict one training step of ``model`` on this layout (ValueError naming the numbers).
+
+    ``rank_noise``: relative standard deviation of one rank's compute time (module docstring,
+    "Rank skew"); 0 = ranks in lockstep."""
+    if not (math.isfinite(rank_noise) and rank_noise >= 0):
+        raise ValueError(f"rank_noise={rank_noise}: must be a finite number >= 0")
     if grad_reduce_dtype not in ("fp32", "bf16"):
         raise ValueError(f"grad_reduce_dtype={grad_reduce_dtype!r}; expected fp32 or bf16")
     if accum < 1:
         raise ValueError(f"accum={accum}; must be >= 1")
-    if model not in MODELS:
-        raise ValueError(f"model {model!r}; known: {', '.join(MODELS)}")
     links, rates = links or Links(), rates or Rates()
-    depth, D, heads, E = MODELS[model]
+    cfg = model_config(model, pool_samples)
+    depth, D, heads, E = (
+        cfg.model.depth,
+        cfg.model.hidden_size,
+        cfg.model.num_heads,
+        cfg.moe.num_experts,
+    )
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: must be >= 1")
     W = nodes * gpus_per_node
@@ -246,11 +297,9 @@ def plan(
         raise ValueError(f"pool_samples={pool_samples} and micro-batch {b} do not tile")
     T, N = TOKENS_PER_IMAGE, b * TOKENS_PER_IMAGE
     n_moe = depth // 2
-    # compute
-    common = 3 * (8 * D * D + 4 * T * D + 12 * D * D / T)
-    dense_flops = N * (depth * common + (depth - n_moe) * flops_per_token("dense", D, E))
-    moe_flops = N * n_moe * flops_per_token("diffmoe", D, E)
-    micro_s = dense_flops / rates.dense_flops + moe_flops / rates.moe_flops
+    # compute (models/flops.py)
+    fl = train_flops_per_sample(model, pool_samples)
+    micro_s = b * (fl["dense"] / rates.dense_flops + fl["moe"] / rates.moe_flops)
     compute_s = accum * micro_s
     # all-to-all (per MoE layer) and score gathers
     by = moe_layer_bytes(N, D, E, ep, span, elem_bytes=elem_bytes)
@@ -260,7 +309,7 @@ def plan(
     per_layer += n_coll * links.latency_us * 1e-6
     a2a_s = accum * n_moe * per_layer
     # gradient sync, once per step: dense over the world, experts over the edp group
-    pc = param_counts(depth, D, E)
+    pc = param_counts(model)
     edp = W // ep
     gb = 2 if grad_reduce_dtype == "bf16" else 4
     sync_s = _allreduce_time(gb * pc["dense"], W, nodes > 1, links, gpus_per_node)
@@ -276,7 +325,9 @@ def plan(
     params_gpu = pc["dense"] + pc["expert"] / ep
     act = N * depth * D * (34 + 5 * heads * T / D)
     memory = params_gpu * BYTES_PER_PARAM + act
-    step_s = compute_s + a2a_s + grad_s
+    # every collective waits for the slowest of the W ranks (module docstring)
+    skew_s = rank_noise * _expected_max_cached(W) * compute_s
+    step_s = compute_s + a2a_s + grad_s + skew_s
     notes = []
     if ep > gpus_per_node:
         notes.append(f"ep={ep} > {gpus_per_node} GPUs per node: all-to-all crosses InfiniBand")
@@ -290,6 +341,7 @@ def plan(
         compute_ms=compute_s * 1e3,
         a2a_ms=a2a_s * 1e3,
         grad_sync_ms=grad_s * 1e3,
+        skew_ms=skew_s * 1e3,
         step_ms=step_s * 1e3,
         a2a_share=a2a_s / step_s,
         a2a_bytes_per_layer=by,

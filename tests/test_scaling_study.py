@@ -78,6 +78,7 @@ def test_table_rows_and_plots(study: tuple[Path, subprocess.CompletedProcess]) -
     assert float(rows[1]["a2a_share"]) > 0 and float(rows[2]["a2a_share"]) > 0  # ep > 1
     md = (out / "results.md").read_text()
     assert md.count("\n| n1-") == 4 and "failed" in md
+    assert "Versions: python" in md and "git commit" in md  # what produced the numbers
     for png in ("scaling.png", "loss_curves.png"):
         assert (out / png).stat().st_size > 1000
 

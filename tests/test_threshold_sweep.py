@@ -55,6 +55,7 @@ def test_sweep_table_and_plot(run_dir: Path, tmp_path: Path) -> None:
     table = (out / "sweep.md").read_text()
     assert "| threshold | C_infer | digits FD | digits acc. |" in table
     assert "| gamma=0.5 |" in table and table in res.stdout
+    assert "Versions: python" in table and "git commit" in table
     png = (out / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -180,6 +180,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def versions_line(vers: Mapping[str, str]) -> str:
+    """``versions()`` as one Markdown sentence."""
+    return "Versions: " + "; ".join(f"{k} {v}" for k, v in vers.items()) + "."
+
+
 # ----------------------------------------------------------------------------------------------------
 # writing results
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffmoe_dist.studies.common import markdown_table, replace_section
+from diffmoe_dist.studies.common import markdown_table, replace_section, versions_line
 from diffmoe_dist.studies.routing_eval import METRICS
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def generated_section(
         f"{cfg.sample.cfg_scale}, sample.seed {cfg.sample.seed}), held-out loss over "
         f"{spec.heldout_samples} fixed (digit, noise, t) triples.",
         "",
-        "Versions: " + "; ".join(f"{k} {v}" for k, v in vers.items()) + ".",
+        versions_line(vers),
         "",
         results_table(rows),
         f"![routing comparison]({png_name(spec.tag)})",

@@ -11,7 +11,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffmoe_dist.studies.common import markdown_table, write_json, write_text_atomic
+from diffmoe_dist.studies.common import (
+    markdown_table,
+    versions_line,
+    write_json,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     from diffmoe_dist.studies.scaling_study import PlannedRun
@@ -129,8 +134,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """results.csv and results.md (one row per layout, failed ones included) + results.json."""
+def write_table(
+    rows: list[dict[str, Any]], out: Path, vers: dict[str, str] | None = None
+) -> tuple[Path, Path]:
+    """results.csv and results.md (one row per layout, failed ones included; ``vers``, the code
+    and library versions the runs used, below the table) + results.json."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "results.csv", out / "results.md"
     tmp = csv_path.with_name(csv_path.name + ".tmp")
@@ -150,7 +158,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
         "tokens per expert (max over layers). max_loss_diff: largest |loss - baseline loss| over "
         "steps (the model is held fixed, so this is float rounding)."
     )
-    write_text_atomic(md_path, f"{table}\n{notes}\n")
+    tail = f"\n{versions_line(vers)}\n" if vers else ""
+    write_text_atomic(md_path, f"{table}\n{notes}\n{tail}")
     write_json(out / "results.json", rows)
     return csv_path, md_path
 
@@ -202,9 +211,9 @@ def plot_study(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(rows: list[dict[str, Any]], out: Path) -> Path:
+def write_report(rows: list[dict[str, Any]], out: Path, vers: dict[str, str] | None = None) -> Path:
     """Everything the study writes from its rows (baseline columns added in place); returns the .md."""
     finish_table(rows)
-    _, md_path = write_table(rows, out)
+    _, md_path = write_table(rows, out, vers)
     plot_study(rows, out)
     return md_path

@@ -41,7 +41,7 @@ from typing import Any
 
 from diffmoe_dist.config import Config, load_config
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
-from diffmoe_dist.studies.common import run_logged, train_command
+from diffmoe_dist.studies.common import run_logged, train_command, versions
 from diffmoe_dist.studies.scaling_report import summarize_run, write_report
 
 SLURM_SCRIPT = Path("launchers") / "slurm_train.sh"  # inside the checkout given to the study
@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None, checkout: Path | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"scaling_study: refused: {e}", file=sys.stderr)
         return 2
+    vers = versions()  # at the start: others may commit while the study runs
     rows = run_study(spec, plans)
-    md_path = write_report(rows, spec.out)
+    md_path = write_report(rows, spec.out, vers)
     print(md_path.read_text())
     print(f"scaling_study: wrote {spec.out / 'results.csv'}, {md_path}, {spec.out / 'scaling.png'}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

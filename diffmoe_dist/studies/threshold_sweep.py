@@ -35,7 +35,13 @@ from diffmoe_dist.inference import (
     sample_from_checkpoint,
 )
 from diffmoe_dist.parallel.distributed import cleanup, init_distributed
-from diffmoe_dist.studies.common import markdown_table, write_json, write_text_atomic
+from diffmoe_dist.studies.common import (
+    markdown_table,
+    versions,
+    versions_line,
+    write_json,
+    write_text_atomic,
+)
 
 DEFAULT_GAMMAS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 
@@ -197,11 +203,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
-    """sweep.json, sweep.md and sweep.png under ``out``; returns the .md."""
+def write_report(
+    rows: list[dict[str, Any]], out: Path, title: str, vers: dict[str, str] | None = None
+) -> Path:
+    """sweep.json, sweep.md (``vers`` below the table) and sweep.png under ``out``; returns the .md."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", rows)
-    write_text_atomic(out / "sweep.md", markdown(rows, title))
+    tail = f"\n{versions_line(vers)}\n" if vers else ""
+    write_text_atomic(out / "sweep.md", markdown(rows, title) + tail)
     plot(rows, out / "sweep.png", title)
     return out / "sweep.md"
 
@@ -256,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rows
                 else resolve_checkpoint(spec.run_dir, spec.checkpoint)
             )
-            md = write_report(rows, output_dir(ckpt, spec.out, "sweep"), f"threshold sweep: {ckpt}")
+            out = output_dir(ckpt, spec.out, "sweep")
+            md = write_report(rows, out, f"threshold sweep: {ckpt}", versions())
     except ValueError as e:
         print(f"threshold_sweep: error: {e}", file=sys.stderr)
         return 2

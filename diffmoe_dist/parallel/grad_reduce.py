@@ -8,6 +8,8 @@
         "flat": average_gradients after backward (one blocking all-reduce per dtype and group).
     reduce_thresholds(model, ps)                            kth statistics SUM over world, then the
                                                             EMA update of each MoE layer's thresholds
+    accumulate_kth(model, acc)                              their sum over micro-batches (accumulation)
+    global_grad_norm(model, ps, device)                     the full gradient's L2 norm (experts over ep)
 
 Dense gradients are SUM / W over the world group, expert gradients SUM / W over edp (the ranks holding
 the same expert slice); parallelize.py decides which parameters are expert slices. Every collective
@@ -113,6 +115,42 @@ def reduce_thresholds(model: nn.Module, ps: ParallelState) -> None:
         kth_sum, count = packed[start : start + E], packed[start + E]
         start += E + 1
         m.update_thresholds(kth_sum / count.clamp(min=1.0))
+
+
+def global_grad_norm(model: nn.Module, ps: ParallelState, device: torch.device) -> torch.Tensor:
+    """L2 norm of the full (unsharded) gradient as a 0-dim float64 tensor on ``device``.
+
+    Dense gradients are identical on every rank after the reduction; each rank holds its own expert
+    slices, so the experts' squares are summed over the ep group (foreach norms, no host read).
+    """
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (expert if is_expert_param(name, p) else dense).append(p.grad.detach())
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+
+    def sq(gs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero
+
+    d, e = sq(dense), sq(expert).clone()
+    if ps.ep_group is not None and ps.ep > 1:
+        with COMM_CLOCK.blocking():
+            all_reduce(e, ps.ep_group, device)
+    return (d + e).sqrt()
+
+
+def accumulate_kth(model: nn.Module, acc: list[list]) -> None:
+    """After each micro-batch (train.grad_accum_steps > 1): sum the threshold statistics into
+    ``acc`` and leave the running sums in the layers' stats, so reduce_thresholds averages over all
+    pools of the step, as without accumulation. ``acc`` starts empty, one per step."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.stats.kth_sum is not None]
+    if not acc:
+        acc.extend([m.stats.kth_sum.clone(), m.stats.kth_count] for m in layers)
+        return
+    for a, m in zip(acc, layers):
+        a[0] += m.stats.kth_sum
+        a[1] += m.stats.kth_count
+        m.stats.kth_sum, m.stats.kth_count = a[0].clone(), a[1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,10 +25,8 @@ The next start removes a stale PREEMPTED.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -43,29 +41,21 @@ from diffmoe_dist.checkpoint import (
     refuse_old_deepspeed_dir,
 )
 from diffmoe_dist.config import Config, save_config
-from diffmoe_dist.data import (
-    FLIP_STREAM,
-    LABEL_DROP_STREAM,
-    TIME_STREAM,
-    global_batch_indices,
-    per_sample_normal,
-    per_sample_uniform,
-    rank_sample_ids,
-    rank_slice,
-)
 from diffmoe_dist.data.factory import build_dataset
-from diffmoe_dist.models.capacity_schedule import capacity_at, moe_at_step
-from diffmoe_dist.models.flops import peak_bf16_flops, train_flops_per_sample
-from diffmoe_dist.parallel.comm import COMM_CLOCK
+from diffmoe_dist.models.capacity_schedule import capacity_at
 from diffmoe_dist.parallel.distributed import (
     DistInfo,
     all_reduce,
     all_reduce_scalars,
-    broadcast_object,
     init_distributed,
     print0,
 )
-from diffmoe_dist.parallel.grad_reduce import GradReducer, is_expert_param, reduce_thresholds
+from diffmoe_dist.parallel.grad_reduce import (
+    GradReducer,
+    accumulate_kth,
+    global_grad_norm,
+    reduce_thresholds,
+)
 from diffmoe_dist.parallel.layout import Layout, layout_from_config
 from diffmoe_dist.parallel.numerics import set_deterministic, set_tf32
 from diffmoe_dist.parallel.parallelize import (
@@ -78,22 +68,17 @@ from diffmoe_dist.parallel.parallelize import (
 )
 from diffmoe_dist.telemetry import ExpertTelemetry
 from diffmoe_dist.trainer import preemption
+from diffmoe_dist.trainer.batch import check_data_matches_model, local_batch
 from diffmoe_dist.trainer.ema import update_ema
 from diffmoe_dist.trainer.metrics import MetricsLogger
+from diffmoe_dist.trainer.nonfinite import NonFiniteError, NonFinitePolicy, check_finite_weights
 from diffmoe_dist.trainer.optim import build_optimizer, lr_at, set_lr, zero_grad
+from diffmoe_dist.trainer.run_dir import claim_run_dir, clear_preempted, mark_preempted, write_final
 from diffmoe_dist.trainer.runlock import RunDirLock
+from diffmoe_dist.trainer.throughput import Throughput
 from diffmoe_dist.transport.objective import get_objective, model_out_channels
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """The run stopped on a non-finite loss / gradient norm / weights (train.nonfinite); the message
-    names the step, the values and the last checkpoint, which is finite."""
-
-    def __init__(self, step: int, loss: float, grad_norm: float, message: str):
-        super().__init__(message)
-        self.step, self.loss, self.grad_norm = step, loss, grad_norm
 
 
 class Trainer:
@@ -116,10 +101,10 @@ class Trainer:
         precheck_resume(self.run_dir, cfg)  # another model / pool: refused before groups too
         self.ps: ParallelState = build_parallel_state(cfg, self.world_size, self.rank, self.layout)
         self.run_lock = RunDirLock(self.run_dir)  # rank 0 holds it from here to the end of train()
-        self._check_run_dir()
+        claim_run_dir(self.run_dir, self.run_lock, self.rank, self.ps.world_group)
         # 2. data: the dataset defines channels / size / classes; they must match the model
         self.dataset = build_dataset(cfg)
-        self._check_data_matches_model()
+        check_data_matches_model(cfg, self.dataset)
         # 3. model and EMA (same init on every rank: seeded), then sharding + dispatchers
         #    (only this rank's experts are ever allocated; the EMA is built on the meta device and
         #    filled from the model: parallel/parallelize.py build_model / build_copy)
@@ -151,76 +136,19 @@ class Trainer:
         )
         # per-layer expert telemetry, summed over ranks at log steps (diffmoe_dist/telemetry.py)
         self.telemetry = ExpertTelemetry(cfg.model.num_classes, self.world_size, self.rank)
-        # model FLOPs per training sample and the per-rank peak, for tflops_per_rank / mfu
-        self.flops_per_sample = train_flops_per_sample(cfg.model, cfg.moe)
-        self.peak_flops = self._peak_flops()
+        # samples/s, model TFLOP/s per rank and MFU between log steps (trainer/throughput.py)
+        self.throughput = Throughput(cfg, self.world_size, self.device)
         self.step = self._last_saved = 0
-        self.skipped_steps = self._skips_in_row = 0  # train.nonfinite=skip_step bookkeeping
+        self.nonfinite = NonFinitePolicy(cfg.train, self.ps.world_group, self.device, self.rank)
         self._resume()
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         preemption.install()  # idempotent: train.py already installed it before the imports
 
     # ------------------------------------------------------------------------------------------------
-    def _peak_flops(self) -> float | None:
-        """train.peak_tflops if set, else the bf16 peak of a known GPU when training in bf16."""
-        if self.cfg.train.peak_tflops > 0:
-            return self.cfg.train.peak_tflops * 1e12
-        if self.device.type == "cuda" and self.cfg.train.precision == "bf16":
-            return peak_bf16_flops(torch.cuda.get_device_name(self.device))
-        return None
-
-    def throughput(
-        self, samples_per_s: float, flops_per_sample: float | None = None
-    ) -> dict[str, float]:
-        """Global samples/s -> model TFLOP/s per rank, and MFU when the peak is known.
-
-        flops_per_sample: the mean over the measured steps (the capacity schedule changes it per
-        step, see flops_at); None = self.flops_per_sample (the final capacity's)."""
-        fps = self.flops_per_sample if flops_per_sample is None else flops_per_sample
-        per_rank = samples_per_s * fps / self.world_size
-        out = {"tflops_per_rank": per_rank / 1e12}
-        if self.peak_flops:
-            out["mfu"] = per_rank / self.peak_flops
-        return out
-
-    def _check_run_dir(self) -> None:
-        """Rank 0 takes the run directory's lock (diffmoe_dist/trainer/runlock.py) before anything in it is
-        written; every rank raises the same ValueError when it cannot (held elsewhere, read-only)."""
-        problem: str | None = None
-        if self.rank == 0:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.run_lock.acquire()
-                for d in (self.run_dir, self.run_dir / "checkpoints"):  # fail now, not at a save
-                    d.mkdir(exist_ok=True)
-                    probe = d / ".write-test"
-                    probe.write_text("ok")
-                    probe.unlink()
-            except ValueError as e:
-                problem = str(e)
-            except OSError as e:
-                problem = f"run.dir '{self.run_dir}' is not writable: {e}"
-        problem = broadcast_object(problem, self.ps.world_group)
-        if problem is not None:
-            self.run_lock.release()
-            raise ValueError(problem)
-
     def close(self) -> None:
         """Give the run directory back (the lock); the OS does it too when the process ends."""
         self.run_lock.release()
-
-    def _check_data_matches_model(self) -> None:
-        m, d = self.cfg.model, self.dataset
-        for key, want, got in (
-            ("in_channels", m.in_channels, d.channels),
-            ("input_size", m.input_size, d.image_size),
-            ("num_classes", m.num_classes, d.num_classes),
-        ):
-            if want != got:
-                raise ValueError(
-                    f"model.{key}={want} but the dataset ({self.cfg.data.name}) has {got}"
-                )
 
     # ------------------------------------------------------------------------------------------------
     # the override points of an engine (trainer/deepspeed_engine.py overrides each of them)
@@ -309,47 +237,18 @@ class Trainer:
         if self.cfg.moe.capacity_schedule != "none":
             self.model.set_train_capacity(capacity_at(self.cfg.moe, step))
 
-    def flops_at(self, step: int) -> float:
-        """Model FLOPs of one training sample at 0-based step ``step`` (follows the schedule)."""
-        if self.cfg.moe.capacity_schedule == "none":
-            return self.flops_per_sample
-        return train_flops_per_sample(self.cfg.model, moe_at_step(self.cfg.moe, step))
-
     def local_batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, ...]:
-        """This rank's slice of micro-batch ``micro`` of the global batch of ``step``, with its
-        per-sample draws. With train.grad_accum_steps = A the global batch (fixed order) is cut into
-        A consecutive parts of G / A samples, each laid out over the ranks as a whole batch would be,
-        so pools (consecutive samples) are the same as without accumulation.
-        """
-        cfg, G = self.cfg, self.cfg.train.global_batch_size
-        A = cfg.train.grad_accum_steps
-        part = G // A
-        idx = rank_slice(
-            global_batch_indices(len(self.dataset), G, cfg.train.seed, step)[
-                micro * part : (micro + 1) * part
-            ],
+        """(x1, x0, t, y) of this rank's slice of micro-batch ``micro`` of step ``step`` (batch.py)."""
+        return local_batch(
+            self.cfg,
+            self.dataset,
+            self.objective,
+            step,
+            micro,
             self.rank,
             self.world_size,
+            self.device,
         )
-        # positions in the global batch
-        ids = micro * part + rank_sample_ids(part, self.rank, self.world_size)
-        seed = cfg.train.seed
-        flip = (per_sample_uniform(seed, step, ids, FLIP_STREAM) < 0.5) & cfg.data.hflip
-        x1, y = self.dataset.get_batch(idx, flip)
-        x0 = per_sample_normal(seed, step, ids, x1.shape[1:])
-        t = self.objective.time_from_uniform(per_sample_uniform(seed, step, ids, TIME_STREAM))
-        drop = per_sample_uniform(seed, step, ids, LABEL_DROP_STREAM) < cfg.model.class_dropout_prob
-        y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)  # null class for CFG
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.model.num_classes):  # host tensor
-            raise ValueError(
-                f"class labels must be in [0, {cfg.model.num_classes}] (model.num_classes = null "
-                f"class), got min {int(y.min())}, max {int(y.max())} from the dataset"
-            )
-        if self.device.type == "cuda":  # pinned host memory: the copy does not block the host
-            return tuple(
-                v.pin_memory().to(self.device, non_blocking=True) for v in (x1.float(), x0, t, y)
-            )
-        return tuple(v.to(self.device) for v in (x1.float(), x0, t, y))
 
     def _next_batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
         """local_batch(step, micro), taken from the background thread when it was prefetched; then
@@ -408,7 +307,7 @@ class Trainer:
                 self.backward(losses["loss"] / A if A > 1 else losses["loss"])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / A
-            self._accumulate_kth(kth)
+            accumulate_kth(self.model, kth)
         losses = sums
         out, grad_norm, skipped = self.optimizer_step(losses)
         if skipped:  # train.nonfinite=skip_step: no update, EMA, thresholds
@@ -422,103 +321,28 @@ class Trainer:
         out.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
         return out
 
-    def _accumulate_kth(self, acc: list[list]) -> None:
-        """Sum the threshold statistics of every micro-batch into the layers' last stats, so
-        reduce_thresholds averages over all pools of the step (as without accumulation)."""
-        layers = [m for m in self.model.moe_layers() if m.stats.kth_sum is not None]
-        if not acc:
-            acc.extend([m.stats.kth_sum.clone(), m.stats.kth_count] for m in layers)
-            return
-        for a, m in zip(acc, layers):
-            a[0] += m.stats.kth_sum
-            a[1] += m.stats.kth_count
-            m.stats.kth_sum, m.stats.kth_count = a[0].clone(), a[1]
-
     def _nonfinite_step(
         self, loss: float, grad_norm: float, applied: bool = False, agreed_bad: float | None = None
     ) -> bool:
-        """Apply train.nonfinite to this step's (rank-local) loss and (global) gradient norm.
+        """train.nonfinite for the step being taken (nonfinite.py): True = skip its update."""
+        return self.nonfinite.check(
+            self.step + 1, loss, grad_norm, self._last_saved, applied, agreed_bad
+        )
 
-        Every rank agrees (MAX all-reduce of a flag), so all of them skip or all raise. Returns True
-        when the step's update must be skipped; raises NonFiniteError to stop. ``applied``: the
-        engine has already stepped (DeepSpeed), so skipping is impossible and the run stops.
-        """
-        if agreed_bad is None:  # (the native step agrees on the device and passes agreed_bad)
-            bad = 0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0
-            agreed_bad = all_reduce_scalars([bad], self.ps.world_group, self.device, "max")[0]
-        if not agreed_bad:
-            self._skips_in_row = 0
-            return False
-        step, policy = self.step + 1, self.cfg.train.nonfinite
-        what = f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}"
-        last = f"step-{self._last_saved:08d}" if self._last_saved else "none yet"
-        if policy == "stop" or applied:
-            raise NonFiniteError(
-                step,
-                loss,
-                grad_norm,
-                f"{what}; train.nonfinite={policy}: stopped, nothing saved after the last "
-                f"checkpoint ({last}); lower train.lr (or set train.grad_clip) and rerun to resume",
-            )
-        self._skips_in_row += 1
-        self.skipped_steps += 1
-        limit = self.cfg.train.nonfinite_max_skips
-        if self._skips_in_row >= limit:
-            raise NonFiniteError(
-                step,
-                loss,
-                grad_norm,
-                f"{what}: {self._skips_in_row} steps in a row skipped "
-                f"(train.nonfinite_max_skips={limit}); stopped, last checkpoint {last}",
-            )
-        if self.rank == 0:
-            log.warning("%s: update skipped (train.nonfinite=skip_step)", what)
-        return True
-
-    @torch.no_grad()
-    def _check_finite_weights(self) -> None:
-        """NonFiniteError unless every model and EMA weight (buffers included) is finite on every
-        rank: a checkpoint never holds non-finite weights, whatever the engine."""
-        bad = torch.zeros((), device=self.device)
-        for module in (self.model, self.ema):
-            for t in (*module.parameters(), *module.buffers()):
-                if t.is_floating_point():
-                    bad += (~torch.isfinite(t)).sum()
-        all_reduce(bad, self.ps.world_group, self.device)
-        if bad.item():
-            last = f"step-{self._last_saved:08d}" if self._last_saved else "none yet"
-            raise NonFiniteError(
-                self.step,
-                math.nan,
-                math.nan,
-                f"{int(bad.item())} non-finite weights at step {self.step}: not saved; the last "
-                f"checkpoint ({last}) is the last finite one",
-            )
+    @property
+    def skipped_steps(self) -> int:
+        return self.nonfinite.skipped_steps
 
     def _save_checked(self) -> Path:
-        self._check_finite_weights()
+        """save() once every model and EMA weight is finite on every rank (else NonFiniteError)."""
+        check_finite_weights(
+            (self.model, self.ema), self.ps.world_group, self.device, self.step, self._last_saved
+        )
         return self.save()
 
-    def global_grad_norm(self) -> float:
-        """L2 norm of the full (unsharded) gradient: experts' squares summed over the ep group."""
-        return float(self.grad_norm_tensor())
-
     def grad_norm_tensor(self) -> torch.Tensor:
-        """global_grad_norm as a 0-dim float64 tensor on the device (foreach norms, no host read)."""
-        dense, expert = [], []
-        for name, p in self.model.named_parameters():
-            if p.grad is not None:
-                (expert if is_expert_param(name, p) else dense).append(p.grad.detach())
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-
-        def sq(gs: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero
-
-        d, e = sq(dense), sq(expert).clone()
-        if self.ps.ep_group is not None and self.ps.ep > 1:
-            with COMM_CLOCK.blocking():
-                all_reduce(e, self.ps.ep_group, self.device)
-        return (d + e).sqrt()
+        """L2 norm of the full (unsharded) gradient, 0-dim float64 on the device (grad_reduce.py)."""
+        return global_grad_norm(self.model, self.ps, self.device)
 
     # ------------------------------------------------------------------------------------------------
     def _reduced(self, values: dict[str, float]) -> dict[str, float]:
@@ -561,51 +385,19 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg.train
         total = cfg.steps
-        bar = None
-        if self.rank == 0 and self.cfg.run.progress and self.step < total:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = self._progress_bar(total)
         last: dict[str, float] = {}
-        t_log, samples, flops = time.perf_counter(), 0, 0.0
+        self.throughput.reset()
         # each step once, in order: drop what a crashed / stopped predecessor logged past our start
         self.metrics.truncate_after(self.step)
-        if self.rank == 0:  # a predecessor's preemption marker has been acted on: it is stale now
-            (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
+        if self.rank == 0:
+            clear_preempted(self.run_dir)
         while self.step < total:
-            try:
-                out = self.train_step()
-            except NonFiniteError as e:
-                self.metrics.log(
-                    {"step": e.step, "loss": e.loss, "grad_norm": e.grad_norm, "nonfinite": True}
-                )
-                raise
+            out = self._train_step_logged()
             self.telemetry.add_step(out["step_time"], self.model)
-            samples += cfg.global_batch_size
-            flops += cfg.global_batch_size * self.flops_at(self.step - 1)
+            self.throughput.add_step(self.step - 1)
             if self.step % cfg.log_every == 0 or self.step == total:
-                last = self._reduced(
-                    {
-                        k: out[k]
-                        for k in ("loss", *self.objective.metric_keys, "cp_loss", "balance_loss")
-                    }
-                )
-                elapsed = time.perf_counter() - t_log
-                sps = samples / max(elapsed, 1e-9)
-                rec = {
-                    "step": self.step,
-                    **last,
-                    "lr": out["lr"],
-                    "grad_norm": out["grad_norm"],
-                    "samples_per_s": sps,
-                    **self.throughput(sps, flops / samples),
-                    "world_size": self.world_size,
-                    "ep": self.ps.ep,
-                    "skipped_steps": self.skipped_steps,
-                    **self.moe_metrics(),
-                }
-                self.metrics.log(rec)
-                t_log, samples, flops = time.perf_counter(), 0, 0.0
+                last = self._log_step(out)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
             if bar is not None:
@@ -613,19 +405,9 @@ class Trainer:
             # A stop agreed on the last step is just the end of the run (no requeue needed).
             stop = self._stop_agreed() if self.step < total else preemption.NONE
             if stop != preemption.NONE:
-                self._save_checked()
-                preempted = stop == preemption.PREEMPT
-                if self.rank == 0 and preempted:  # the launcher requeues on this marker
-                    (self.run_dir / "PREEMPTED").write_text(json.dumps({"step": self.step}))
-                    print0(f"preempted: checkpoint at step {self.step} written")
-                elif not preempted:
-                    print0(
-                        f"interrupted (SIGINT): checkpoint at step {self.step} written; run the "
-                        "same command again to continue"
-                    )
                 if bar is not None:
                     bar.close()
-                return {"step": self.step, "preempted": preempted, "interrupted": not preempted}
+                return self._stop(stop)
             if self.step % cfg.ckpt_every == 0 and self.step < total:
                 self._save_checked()
         if bar is not None:
@@ -638,8 +420,57 @@ class Trainer:
             **{k: v for k, v in last.items() if math.isfinite(v)},
         }
         if self.rank == 0:
-            tmp = self.run_dir / "final.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, self.run_dir / "final.json")
+            write_final(self.run_dir, result)
         self.metrics.close()
         return result
+
+    def _progress_bar(self, total: int) -> Any:
+        if self.rank != 0 or not self.cfg.run.progress or self.step >= total:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+
+    def _train_step_logged(self) -> dict[str, float]:
+        """train_step; a non-finite stop is logged (metrics.jsonl marks the step) before it raises."""
+        try:
+            return self.train_step()
+        except NonFiniteError as e:
+            self.metrics.log(
+                {"step": e.step, "loss": e.loss, "grad_norm": e.grad_norm, "nonfinite": True}
+            )
+            raise
+
+    def _log_step(self, out: dict[str, float]) -> dict[str, float]:
+        """One metrics.jsonl record: losses averaged over ranks, throughput since the last log
+        step, MoE telemetry. Returns the averaged losses."""
+        keys = ("loss", *self.objective.metric_keys, "cp_loss", "balance_loss")
+        last = self._reduced({k: out[k] for k in keys})
+        rec = {
+            "step": self.step,
+            **last,
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            **self.throughput.record(),
+            "world_size": self.world_size,
+            "ep": self.ps.ep,
+            "skipped_steps": self.skipped_steps,
+            **self.moe_metrics(),
+        }
+        self.metrics.log(rec)
+        return last
+
+    def _stop(self, stop: int) -> dict[str, Any]:
+        """A preemption (SIGUSR1 / SIGTERM: checkpoint + PREEMPTED for the launcher) or an interrupt
+        (SIGINT: checkpoint only) agreed by every rank; train() returns normally."""
+        self._save_checked()
+        preempted = stop == preemption.PREEMPT
+        if self.rank == 0 and preempted:  # the launcher requeues on this marker
+            mark_preempted(self.run_dir, self.step)
+            print0(f"preempted: checkpoint at step {self.step} written")
+        elif not preempted:
+            print0(
+                f"interrupted (SIGINT): checkpoint at step {self.step} written; run the "
+                "same command again to continue"
+            )
+        return {"step": self.step, "preempted": preempted, "interrupted": not preempted}

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -406,6 +407,8 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     path = tmp_path / "step.json"
     path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
     argv = ["--check-bench", str(path), "--link-gbps", "2", "--link-latency-us", "500", "--json"]
+    argv += ["--skew", "none"]  # made by plan() in lockstep
+    argv.append(argv.pop(argv.index("--json")))  # --json last (argv[:-1] drops it below)
     with contextlib.redirect_stdout(io.StringIO()):
         out = plan_cluster.run(argv)
     assert [c["calibration"] for c in out["checks"]] == ["peak", "one-rank"]
@@ -459,8 +462,9 @@ def test_tools_are_shells_over_the_package(tmp_path, step_result) -> None:
 
 def test_plan_rank_skew_and_its_check(tmp_path) -> None:
     """The skew term: sigma x E[max of W normals] x compute, waited in collectives (exposed); the
-    check takes sigma from the 1-rank case's spread (one-rank) or the case's per-rank busy times
-    (per-rank), and reports the lockstep prediction beside it."""
+    check takes sigma from the case's per-rank busy times (x sqrt(sync points) / e(W)), from the
+    case at another rank count (cross) or from the 1-rank spread, and keeps the lockstep
+    prediction beside it."""
     from diffmoe_dist.planner import cli as plan_cluster
     from diffmoe_dist.planner.cost_model import expected_max_normal
 
@@ -474,42 +478,55 @@ def test_plan_rank_skew_and_its_check(tmp_path) -> None:
     assert noisy.step_ms == pytest.approx(lock.step_ms + noisy.skew_ms)
     one_node = plan("DiffMoE-XL-E16", 1, 8, 8, global_batch=256, rank_noise=0.02)
     assert one_node.skew_ms < noisy.skew_ms  # the slowest of 64 is slower than the slowest of 8
+    assert lock.sync_points == 14 * 7 + 3  # 14 MoE layers x (4 all-to-alls + counts + 2 gathers)
     with pytest.raises(ValueError, match="rank_noise=-0.1"):
         plan("DiffMoE-XL-E16", 1, 8, 8, rank_noise=-0.1)
-    # check: a 1-rank case whose repeats spread by IQR = 1.349 x 10% of its median -> sigma = 0.1
+    # check: a 1-rank case whose repeats spread by IQR = 1.349 x 10% of its median -> sigma 0.1
     base = {
         "model": "DiffMoE-S-E16", "variant": "default", "images_per_rank": 8,
         "tflops_per_rank": 0.001, "mfu_vs_measured_peak": 0.01,
     }  # fmt: skip
     one = {**base, "ranks": 1, "ep": 1, "ms_median": 1000.0, "ms_spread": 134.9}
     one.update(exposed_comm_frac=0.0, exposed_comm_ms=0.0)
-    # two ranks; busy times (step - exposed) 900 / 1100 in every repeat: per-rank skew 10%
-    per_rank = [
-        {"ms": [1200.0] * 3, "exposed_ms": [300.0] * 3},
-        {"ms": [1200.0] * 3, "exposed_ms": [100.0] * 3},
-    ]
-    two = {**base, "ranks": 2, "ep": 2, "ms_median": 1200.0, "ms_spread": 0.0, "per_rank": per_rank}
-    two.update(exposed_comm_frac=0.25, exposed_comm_ms=300.0)
+
+    def multi(W: int, busy: list[float]) -> dict:  # every repeat alike: step 1200 ms
+        per_rank = [{"ms": [1200.0] * 3, "exposed_ms": [1200.0 - b] * 3} for b in busy]
+        c = {**base, "ranks": W, "ep": W, "ms_median": 1200.0, "ms_spread": 0.0}
+        return {**c, "per_rank": per_rank, "exposed_comm_frac": 0.25, "exposed_comm_ms": 300.0}
+
+    # two ranks, busy 900 / 1100 (step skew 10%); four ranks, busy 950, 950, 1050, 1050 (5%)
+    cases = [one, multi(2, [900.0, 1100.0]), multi(4, [950.0, 950.0, 1050.0, 1050.0])]
     path = tmp_path / "step.json"
-    path.write_text(json.dumps({"device": "hand-made", "cases": [one, two]}))
+    path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
     argv = ["--check-bench", str(path), "--link-gbps", "2", "--calibration", "one-rank", "--json"]
     rows = {}
-    for skew in ("none", "one-rank", "per-rank"):
+    for skew in ("none", "per-rank", "cross", "one-rank"):
         with contextlib.redirect_stdout(io.StringIO()):
-            rows[skew] = plan_cluster.run(argv + ["--skew", skew])["checks"][0]["rows"][0]
-    e2 = expected_max_normal(2)
-    assert rows["none"]["pred_skew_ms"] == 0.0 and rows["none"]["rank_noise"] == 0.0
-    assert rows["one-rank"]["rank_noise"] == pytest.approx(0.1)
-    assert rows["per-rank"]["rank_noise"] == pytest.approx(0.1 / e2)
-    for r in rows.values():
-        assert r["meas_exposed_ms"] == pytest.approx(200.0)  # mean over ranks, not rank 0's 300
-        assert r["pred_skew_ms"] == pytest.approx(r["rank_noise"] * e2 * r["pred_compute_ms"])
-        assert r["pred_exposed_ms"] == pytest.approx(
-            r["pred_exposed_lockstep_ms"] + r["pred_skew_ms"]
-        )
-        assert r["pred_exposed_lockstep_ms"] == pytest.approx(rows["none"]["pred_exposed_ms"])
+            out = plan_cluster.run(argv + ["--skew", skew])
+        rows[skew] = {r["ranks"]: r for r in out["checks"][0]["rows"]}
+    n = rows["none"][2]["sync_points"]
+    assert n == rows["none"][4]["sync_points"] == 6 * 5 + 3  # S: 6 MoE layers, pools on one rank
+    e = {W: expected_max_normal(W) for W in (2, 4)}
+    assert rows["none"][2]["pred_skew_ms"] == 0.0 and rows["none"][2]["rank_noise"] == 0.0
+    assert rows["per-rank"][2]["rank_noise"] == pytest.approx(0.1 * n**0.5 / e[2])
+    assert rows["per-rank"][4]["rank_noise"] == pytest.approx(0.05 * n**0.5 / e[4])
+    assert rows["cross"][2]["rank_noise"] == pytest.approx(rows["per-rank"][4]["rank_noise"])
+    assert rows["cross"][4]["rank_noise"] == pytest.approx(rows["per-rank"][2]["rank_noise"])
+    assert rows["one-rank"][2]["rank_noise"] == pytest.approx(0.1 * n**0.5)
+    for by_w in rows.values():
+        for W, r in by_w.items():
+            assert r["meas_exposed_ms"] == pytest.approx(1200.0 - statistics.mean(
+                [900.0, 1100.0] if W == 2 else [950.0, 950.0, 1050.0, 1050.0]
+            ))  # mean over ranks, not rank 0's  # fmt: skip
+            assert r["pred_skew_ms"] == pytest.approx(r["rank_noise"] * e[W] * r["pred_compute_ms"])
+            assert r["pred_exposed_ms"] == pytest.approx(
+                r["pred_exposed_lockstep_ms"] + r["pred_skew_ms"]
+            )
+            assert r["pred_exposed_lockstep_ms"] == pytest.approx(
+                rows["none"][W]["pred_exposed_ms"]
+            )
     # a case from before per_rank existed: per-rank skew is a clear error naming the case
-    two.pop("per_rank")
-    path.write_text(json.dumps({"device": "hand-made", "cases": [one, two]}))
+    cases[1].pop("per_rank")
+    path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
     with pytest.raises(SystemExit, match="ranks=2.*per_rank"):
         plan_cluster.run(argv + ["--skew", "per-rank"])

@@ -22,14 +22,19 @@ Rates  one FLOP/s for dense parts and MoE FFNs alike, per rank, either
                      proportional to the compute.
 Skew   plan()'s ``rank_noise`` sigma (waiting for the slowest rank: cost_model, "Rank skew"), one of
        ``none``      ranks in lockstep (the planner before the skew term);
-       ``one-rank``  sigma = the 1-process case's repeat-to-repeat spread, IQR / 1.349 / median (a
-                     normal's standard deviation from its interquartile range): how much one
-                     process's step varies under this machine's load, measured without any
-                     collective; a prediction of the W-rank waiting, not a fit to it;
-       ``per-rank``  sigma = this case's own skew (median over repeats of max over ranks / mean
-                     over ranks of the busy time, step - exposed, minus 1) / e(W): a decomposition
-                     of the measured waiting into skew, for reference (it reads the same run's
-                     exposed times, so it is not an independent prediction).
+       ``per-rank``  from this case's own per-rank busy times (busy = step - exposed): the median
+                     over repeats of max over ranks / mean over ranks - 1 is the whole step's skew,
+                     e(W) sigma / sqrt(sync_points) in the model, so sigma = that x
+                     sqrt(sync_points) / e(W). It reads the same run, but not its exposed time's
+                     size: a lockstep model would predict exactly this step-level skew as the wait;
+       ``cross``     sigma from the same model and variant at another rank count (per-rank there),
+                     the prediction of this case's waiting from a different run: the 2-rank case
+                     predicts the 4-rank one and back;
+       ``one-rank``  sigma = the 1-process case's repeat-to-repeat spread, IQR / 1.349 / median
+                     (a normal's standard deviation from its interquartile range), x sqrt of the
+                     sync points: how much one process's step varies under this load. It mostly
+                     measures slow load swings that hit all ranks alike (no waiting), so it
+                     over-predicts; kept to show that.
 Predicted exposed communication = plan's all-to-all + exposed gradient sync + skew; measured = the
 mean over ranks of each rank's median exposed time when the case has ``per_rank`` (the slowest rank
 waits least, so rank 0 alone is biased), else ``exposed_comm_ms`` (rank 0's median); both also hold
@@ -41,6 +46,7 @@ skipped with a reason).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -49,7 +55,7 @@ from typing import Any
 from diffmoe_dist.planner.cost_model import MODELS, Links, Rates, expected_max_normal, plan
 
 CALIBRATIONS = ("peak", "one-rank")
-SKEWS = ("none", "one-rank", "per-rank")
+SKEWS = ("none", "per-rank", "cross", "one-rank")
 IQR_PER_SIGMA = 1.349  # interquartile range of a normal distribution, in standard deviations
 
 
@@ -113,6 +119,34 @@ def per_rank_skew(case: dict) -> float:
     return statistics.median(skews)
 
 
+def _rank_noise(skew: str, c: dict, cases: list[dict], sync_points: int) -> float:
+    """sigma of plan()'s skew term for case ``c`` (module docstring, "Skew")."""
+    W = int(c["ranks"])
+    if skew == "none":
+        return 0.0
+    if skew == "per-rank":
+        return per_rank_skew(c) * math.sqrt(sync_points) / expected_max_normal(W)
+    if skew == "cross":
+        others = [
+            o
+            for o in cases
+            if int(o["ranks"]) > 1
+            and int(o["ranks"]) != W
+            and o["model"] == c["model"]
+            and o["images_per_rank"] == c["images_per_rank"]
+            and o.get("variant", "default") == c.get("variant", "default")
+            and o.get("per_rank")
+        ]
+        if not others:
+            raise ValueError("no case of the same model, images and variant at another rank count")
+        o = min(others, key=lambda o: abs(int(o["ranks"]) - W))
+        return per_rank_skew(o) * math.sqrt(sync_points) / expected_max_normal(int(o["ranks"]))
+    one = _one_rank_case(cases, c)
+    if one is None or "ms_spread" not in one:
+        raise ValueError(f"needs a ranks=1 case of {c['model']} with ms_spread (--ranks 1,{W})")
+    return one["ms_spread"] / IQR_PER_SIGMA / one["ms_median"] * math.sqrt(sync_points)
+
+
 def measured_exposed_ms(case: dict) -> float:
     """Mean over ranks of each rank's median exposed time (rank 0's median without per_rank)."""
     if case.get("per_rank"):
@@ -122,7 +156,7 @@ def measured_exposed_ms(case: dict) -> float:
 
 def _unsupported(case: dict) -> str | None:
     if case.get("model") not in MODELS:
-        return f"model {case.get('model')!r}: the planner models {', '.join(MODELS)} only"
+        return f"model {case.get('model')!r}: the planner models the registry's DiffMoE-* only"
     bad = [
         k for k in _overrides(case) if k.startswith(("model.", "moe.")) and k != "moe.grouped_mm"
     ]
@@ -137,7 +171,7 @@ def check_bench(
     calibration: str = "peak",
     elem_bytes: int = 4,
     source: str = "bench JSON",
-    skew: str = "one-rank",
+    skew: str = "per-rank",
 ) -> dict[str, Any]:
     """Predicted vs measured step and exposed communication of every DiffMoE case of ``bench``.
 
@@ -191,21 +225,11 @@ def check_bench(
             r1 = flops_ms / one["ms_median"] * 1e3
             rate = r1 / W
             rsrc = f"1-rank step: {r1 / 1e9:.1f} GFLOP/s effective / {W} ranks"
-        if skew == "none":
-            noise = 0.0
-        elif skew == "per-rank":
-            try:
-                noise = per_rank_skew(c) / expected_max_normal(W)
-            except ValueError as e:
-                raise ValueError(f"{source}: {label}: skew per-rank: {e}") from None
-        else:
-            one = _one_rank_case(cases, c)
-            if one is None or "ms_spread" not in one:
-                raise ValueError(
-                    f"{source}: skew one-rank needs a ranks=1 case of {c['model']} at "
-                    f"{c['images_per_rank']} images with ms_spread (bench_step --ranks 1,{W})"
-                )
-            noise = one["ms_spread"] / IQR_PER_SIGMA / one["ms_median"]
+        sync_points = _plan_case(c, links_by_world[W], rate, elem_bytes).sync_points
+        try:
+            noise = _rank_noise(skew, c, cases, sync_points)
+        except ValueError as e:
+            raise ValueError(f"{source}: {label}: skew {skew}: {e}") from None
         p = _plan_case(c, links_by_world[W], rate, elem_bytes, noise)
         exp_ms = measured_exposed_ms(c)
         pred_exp = p.a2a_ms + p.grad_sync_ms + p.skew_ms
@@ -223,6 +247,7 @@ def check_bench(
                 "pred_grad_sync_ms": p.grad_sync_ms,
                 "skew": skew,
                 "rank_noise": noise,
+                "sync_points": sync_points,
                 "pred_skew_ms": p.skew_ms,
                 "pred_exposed_lockstep_ms": p.a2a_ms + p.grad_sync_ms,
                 "pred_step_ms": p.step_ms,

@@ -73,10 +73,10 @@ def run(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument(
         "--skew",
-        default="one-rank",
-        choices=("none", "one-rank", "per-rank"),
-        help="--check-bench rank noise: none (lockstep), the 1-rank case's spread, or the case's "
-        "own per-rank busy times (planner/check.py)",
+        default="per-rank",
+        choices=("none", "per-rank", "cross", "one-rank"),
+        help="--check-bench rank noise: none (lockstep), the case's own per-rank busy times, "
+        "those of the case at another rank count (cross), the 1-rank spread (planner/check.py)",
     )
     ap.add_argument("--link-gbps", type=float, help="--check-bench: skip measuring gloo links")
     ap.add_argument("--link-latency-us", type=float, default=0.0)

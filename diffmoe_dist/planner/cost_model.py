@@ -33,15 +33,19 @@ NVLink. What the trainer does
 Gradient accumulation (``accum`` micro-batches per step, train.grad_accum_steps): compute and
 all-to-all scale with accum at micro-batch G / (W accum), the sync does not.
 Rank skew (``rank_noise``): every collective above is synchronous across its group, so each one
-waits for the slowest rank to arrive. With each rank's compute time varying independently by a
-relative standard deviation sigma (OS and load noise on a shared CPU, clock and thermal jitter,
-stragglers on a GPU cluster; routing itself adds none: under expert choice with pools on one rank
-every rank gets exactly k tokens per expert), the step runs at the pace of the slowest of W ranks:
+waits for the slowest rank to arrive. The step is cut into ``sync_points`` segments by its
+synchronising collectives (accum x MoE layers x collectives per layer, + 3: the end of the gradient
+reduction, the threshold and the grad-norm all-reduces); when each rank's compute in a segment
+varies independently by a relative standard deviation sigma (OS and load noise on a shared CPU,
+clock and thermal jitter, stragglers on a GPU cluster; routing adds none: under expert choice with
+pools on one rank every rank gets exactly k tokens per expert), every segment lasts as long as its
+slowest rank's, and the step waits in all:
   skew = sigma x e(W) x compute,   e(W) = E[max of W standard normals] (0, 0.56, 1.03, 1.42 for
                                    W = 1, 2, 4, 8; 2.34 for 64)
 added to the step and counted as exposed communication (it is time spent waiting in collectives).
-sigma = 0 (the default) is ranks in lockstep. planner/check.py calibrates sigma on a CPU from the
-1-process step's repeat-to-repeat spread.
+A whole step's busy time then varies between ranks by only sigma / sqrt(sync_points) (the segments'
+noise averages out), which is how planner/check.py calibrates sigma from per-rank step times.
+sigma = 0 (the default) is ranks in lockstep.
 These are a model's assumptions, not measurements.
 
 Memory per GPU: parameters this rank holds (dense + E/ep experts of each MoE layer) x 20 bytes (fp32
@@ -105,6 +109,7 @@ class Plan:
     a2a_ms: float
     grad_sync_ms: float
     skew_ms: float  # waiting for the slowest rank at the collectives (rank_noise)
+    sync_points: int  # synchronising collectives per step (segments of the rank-skew model)
     step_ms: float
     a2a_share: float
     a2a_bytes_per_layer: dict[str, float]
@@ -328,6 +333,7 @@ def plan(
     # every collective waits for the slowest of the W ranks (module docstring)
     skew_s = rank_noise * _expected_max_cached(W) * compute_s
     step_s = compute_s + a2a_s + grad_s + skew_s
+    sync_points = accum * n_moe * n_coll + 3  # + reduction end, threshold and grad-norm reductions
     notes = []
     if ep > gpus_per_node:
         notes.append(f"ep={ep} > {gpus_per_node} GPUs per node: all-to-all crosses InfiniBand")
@@ -342,6 +348,7 @@ def plan(
         a2a_ms=a2a_s * 1e3,
         grad_sync_ms=grad_s * 1e3,
         skew_ms=skew_s * 1e3,
+        sync_points=sync_points,
         step_ms=step_s * 1e3,
         a2a_share=a2a_s / step_s,
         a2a_bytes_per_layer=by,

@@ -29,11 +29,10 @@ from diffmoe_dist.checkpoint.manifest import (
     read_meta,
     verify_checkpoint,
 )
-from diffmoe_dist.checkpoint.state import flat_state
+from diffmoe_dist.checkpoint.state import flat_state, steps_from_state
 from diffmoe_dist.config import Config, config_hash_fields
 from diffmoe_dist.models.moe import POOLED_MODES
 from diffmoe_dist.parallel.distributed import all_gather_objects, broadcast_object, run_on_rank0
-from diffmoe_dist.trainer.optim import steps_from_state
 
 log = logging.getLogger(__name__)
 OLD_DEEPSPEED_DIR = "ds_checkpoints"

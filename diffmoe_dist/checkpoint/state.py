@@ -18,7 +18,33 @@ import torch
 import torch.nn as nn
 
 from diffmoe_dist.models.moe import StackedExperts
-from diffmoe_dist.trainer.optim import steps_to_state
+
+
+# apex FusedAdam counts steps in ``param_groups[i]["step"]`` (an int; trainer/optim.py marks it with
+# ``step_in_param_groups``), not in the per-parameter state that torch AdamW uses and this module saves.
+# These two move the count into the per-parameter "step" entry before a save and back after a load, so
+# the checkpoint format is the same for both optimizers and bias correction continues after a resume
+# instead of restarting at step 1.
+def steps_to_state(optimizer: torch.optim.Optimizer) -> None:
+    if not getattr(optimizer, "step_in_param_groups", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["step"] = torch.tensor(float(group.get("step", 0)))
+
+
+def steps_from_state(optimizer: torch.optim.Optimizer) -> None:
+    """The inverse of ``steps_to_state`` after a load: the group's step is its parameters' step."""
+    if not getattr(optimizer, "step_in_param_groups", False):
+        return
+    for group in optimizer.param_groups:
+        steps = [
+            float(optimizer.state[p]["step"])
+            for p in group["params"]
+            if "step" in optimizer.state[p]
+        ]
+        if steps:
+            group["step"] = int(max(steps))
 
 
 def expert_params(model: nn.Module) -> dict[str, tuple[int, int]]:

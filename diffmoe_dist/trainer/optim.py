@@ -34,7 +34,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                 adam_w_mode=True,
                 set_grad_none=False,  # zero_grad keeps the .grad tensors, like set_to_none=False
             )
-            opt.step_in_param_groups = True  # see zero_grad / steps_to_state / steps_from_state
+            opt.step_in_param_groups = (
+                True  # see zero_grad; checkpoint/state.py steps_to_state / steps_from_state
+            )
             return opt
         except Exception as e:
             log.warning(
@@ -71,31 +73,6 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad()
     else:
         optimizer.zero_grad(set_to_none=not _multi_rank())
-
-
-# apex FusedAdam counts steps in ``param_groups[i]["step"]`` (an int), not in the per-parameter state
-# that torch AdamW uses and checkpoint/state.py saves. These two move the count into the per-parameter
-# "step" entry before a save and back after a load, so the checkpoint format is the same for both
-# optimizers and bias correction continues after a resume instead of restarting at step 1.
-def steps_to_state(optimizer: torch.optim.Optimizer) -> None:
-    if not getattr(optimizer, "step_in_param_groups", False):
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p]["step"] = torch.tensor(float(group.get("step", 0)))
-
-
-def steps_from_state(optimizer: torch.optim.Optimizer) -> None:
-    if not getattr(optimizer, "step_in_param_groups", False):
-        return
-    for group in optimizer.param_groups:
-        steps = [
-            float(optimizer.state[p]["step"])
-            for p in group["params"]
-            if "step" in optimizer.state[p]
-        ]
-        if steps:
-            group["step"] = int(max(steps))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -525,6 +525,11 @@ def test_plan_rank_skew_and_its_check(tmp_path) -> None:
             assert r["pred_exposed_lockstep_ms"] == pytest.approx(
                 rows["none"][W]["pred_exposed_ms"]
             )
+    with contextlib.redirect_stdout(io.StringIO()):  # all four on the same links, one call
+        out = plan_cluster.run(argv + ["--skew", "all"])
+    assert [c["skew"] for c in out["checks"]] == list(rows)
+    for chk in out["checks"]:
+        assert {r["ranks"]: r for r in chk["rows"]} == rows[chk["skew"]]
     # a case from before per_rank existed: per-rank skew is a clear error naming the case
     cases[1].pop("per_rank")
     path.write_text(json.dumps({"device": "hand-made", "cases": cases}))

@@ -74,9 +74,10 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--skew",
         default="per-rank",
-        choices=("none", "per-rank", "cross", "one-rank"),
+        choices=("none", "per-rank", "cross", "one-rank", "all"),
         help="--check-bench rank noise: none (lockstep), the case's own per-rank busy times, "
-        "those of the case at another rank count (cross), the 1-rank spread (planner/check.py)",
+        "those of the case at another rank count (cross), the 1-rank spread (planner/check.py); "
+        "all: each of them, on the same measured links",
     )
     ap.add_argument("--link-gbps", type=float, help="--check-bench: skip measuring gloo links")
     ap.add_argument("--link-latency-us", type=float, default=0.0)
@@ -144,7 +145,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 def check(args: argparse.Namespace) -> dict:
     """--check-bench: predicted vs measured step and exposed communication (diffmoe_dist/planner/check.py)."""
-    from diffmoe_dist.planner.check import check_bench, measure_links
+    from diffmoe_dist.planner.check import SKEWS, check_bench, measure_links
 
     path = args.check_bench
     try:
@@ -169,12 +170,14 @@ def check(args: argparse.Namespace) -> dict:
                 links[w], raw = measure_links(w, int(args.link_mb * 2**20))
                 out["links"][w] = {"measured": raw, **dataclasses.asdict(links[w])}
         cals = ("peak", "one-rank") if args.calibration == "both" else (args.calibration,)
+        skews = SKEWS if args.skew == "all" else (args.skew,)
         for cal in cals:
-            out["checks"].append(
-                check_bench(
-                    bench, links, cal, elem_bytes=args.elem_bytes, source=path, skew=args.skew
+            for skew in skews:
+                out["checks"].append(
+                    check_bench(
+                        bench, links, cal, elem_bytes=args.elem_bytes, source=path, skew=skew
+                    )
                 )
-            )
     except ValueError as e:
         raise SystemExit(f"plan_cluster: {e}") from None
     if args.json:

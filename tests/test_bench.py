@@ -388,9 +388,11 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     def case(ranks: int, variant: str = "default", overrides: tuple = (), **kw) -> dict:
         ov = dict(o.split("=") for o in overrides)
         p = plan(
-            "DiffMoE-S-E16", 1, ranks, ranks, img * ranks, img, links, Rates(r1 / ranks, r1 / ranks),
-            elem_bytes=4, overlap=ov.get("train.grad_reduce") != "flat",
+            "DiffMoE-S-E16", 1, ranks, ranks, img * ranks, int(ov.get("moe.pool_samples", img)),
+            links, Rates(r1 / ranks, r1 / ranks), elem_bytes=4,
+            overlap=ov.get("train.grad_reduce") != "flat",
             grad_reduce_dtype=ov.get("train.grad_reduce_dtype", "fp32"),
+            accum=int(ov.get("train.grad_accum_steps", 1)),
         )  # fmt: skip
         exposed = p.a2a_ms + p.grad_sync_ms
         return {
@@ -404,6 +406,7 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     dense = {**case(2), "model": "Dense-DiT-S", "ep": 1}
     cases = [case(1), case(2), case(2, "flat", ("train.grad_reduce=flat",)), case(4), dense]
     cases.append(case(4, "bf16", ("train.grad_reduce_dtype=bf16",)))
+    cases.append(case(2, "accum2", ("train.grad_accum_steps=2", "moe.pool_samples=4")))
     path = tmp_path / "step.json"
     path.write_text(json.dumps({"device": "hand-made", "cases": cases}))
     argv = ["--check-bench", str(path), "--link-gbps", "2", "--link-latency-us", "500", "--json"]
@@ -414,7 +417,7 @@ def test_plan_check_recovers_hand_made_bench(tmp_path) -> None:
     assert [c["calibration"] for c in out["checks"]] == ["peak", "one-rank"]
     for chk in out["checks"]:
         assert [(r["ranks"], r["variant"]) for r in chk["rows"]] == [
-            (2, "default"), (2, "flat"), (4, "default"), (4, "bf16")
+            (2, "default"), (2, "flat"), (4, "default"), (4, "bf16"), (2, "accum2")
         ]  # fmt: skip
         for r in chk["rows"]:
             assert abs(r["step_rel_err"]) < 1e-9 and abs(r["exposed_rel_err"]) < 1e-9, r

@@ -141,4 +141,3 @@ def print_table(result: dict) -> None:
         if gpu:
             row += f" {f(c.get('tflops'), 8, 1)} {f(c.get('mfu'), 6, 3)}"
         print(row)
-

@@ -171,4 +171,3 @@ def print_table(result: dict) -> None:
             f"{c['host_syncs_per_step']:>5} {100 * c['mfu_vs_measured_peak']:>5.1f}% "
             f"{c['peak_mem_mb']:>8.1f}"
         )
-

@@ -1,4 +1,5 @@
-"""CheckpointManager: atomic publish, keep-k, damaged checkpoints, and resharding on resume.
+"""CheckpointManager: atomic publish, keep-k, damaged checkpoints, resharding on resume, the
+objective check, and the in-process verification memo.
 
 Trainers run in-process (world 1) or on spawned gloo ranks (tests/dist_utils.py) on configs/tiny.yaml.
 References are the tensors the training processes held in memory when they saved, so every
@@ -8,8 +9,10 @@ comparison is exact: a load either restores the same bits or it is wrong.
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,14 @@ import torch.distributed.checkpoint as dcp
 from dist_utils import run_distributed
 from helpers_run import TINY, restored_signal_handlers
 
-from diffmoe_dist.checkpoint import CheckpointManager, latest_verified, list_checkpoints
+from diffmoe_dist.checkpoint import (
+    CheckpointManager,
+    check_compatible,
+    latest_verified,
+    list_checkpoints,
+    manifest,
+    verify_checkpoint,
+)
 from diffmoe_dist.config import load_config
 from diffmoe_dist.models.moe import StackedExperts
 from diffmoe_dist.parallel.distributed import DistInfo
@@ -222,3 +232,64 @@ def test_reshard_on_resume(tmp_path: Path) -> None:
         assert got.keys() == ref.keys()
         bad = [k for k in ref if not torch.equal(got[k], ref[k])]
         assert not bad, f"world {world} / ep {ep}: {len(bad)} tensors differ, e.g. {bad[:5]}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# refused before any tensor: another objective
+
+
+def test_objective_mismatch_is_refused_naming_both(tmp_path: Path) -> None:
+    """A DDPM run resumed (or loaded) as flow, and a flow run as DDPM: refused at start-up with the
+    key and both values, not later with a shape mismatch (DDPM's model predicts 2x channels)."""
+    ddpm = ("objective=ddpm", "sample.sampler=ddpm")
+    t = make_trainer(tmp_path / "ddpm", *ddpm)
+    train_and_save(t, 1)
+    t.close()
+    with pytest.raises(ValueError, match=r"objective='ddpm'.*objective='flow'"):
+        make_trainer(tmp_path / "ddpm")  # the config says flow (the default)
+    t = make_trainer(tmp_path / "flow")
+    train_and_save(t, 1)
+    t.close()
+    flow_ckpt = latest_verified(tmp_path / "flow" / "checkpoints")
+    cfg = load_config(TINY, [f"run.dir={tmp_path / 'flow'}", *ddpm])
+    with pytest.raises(ValueError, match=r"objective='flow'.*objective='ddpm'"):
+        check_compatible(flow_ckpt, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# verification memo: a file hashed once per process, a changed file hashed again
+
+
+def test_verify_hashes_once_per_process_and_sees_any_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(TINY, [f"run.dir={tmp_path}"])
+    torch.manual_seed(0)
+    path = CheckpointManager(tmp_path, cfg, 0, 1, None).save(1, torch.nn.Linear(64, 64), None, None)
+    files = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    hashed: list[str] = []
+    real = manifest.sha256_file
+
+    def counting(f: Path) -> str:
+        hashed.append(Path(f).name)
+        return real(f)
+
+    monkeypatch.setattr(manifest, "sha256_file", counting)
+    assert verify_checkpoint(path) is None
+    assert sorted(hashed) == files  # just written (within RACY_S): hashed, not memoized
+    time.sleep(manifest.RACY_S + 0.1)
+    hashed.clear()
+    assert verify_checkpoint(path) is None and sorted(hashed) == files
+    hashed.clear()
+    assert verify_checkpoint(path) is None and hashed == []  # every file memoized
+    # one byte flipped in place, size and mtime put back: the kernel's ctime still moves
+    victim = path / "__0_0.distcp"
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    problem = verify_checkpoint(path)
+    assert problem is not None and "__0_0.distcp" in problem and "sha256" in problem
+    assert hashed == ["__0_0.distcp"]

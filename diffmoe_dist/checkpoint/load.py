@@ -39,11 +39,24 @@ OLD_DEEPSPEED_DIR = "ds_checkpoints"
 
 
 def check_compatible(path: Path, cfg: Config) -> dict[str, Any]:
-    """The checkpoint's meta; ValueError when it is from another model or another pool size."""
+    """The checkpoint's meta; ValueError when it is from another objective, another model or
+    another pool size."""
     meta = read_meta(path)
     mine = config_hash_fields(cfg)
     theirs = meta.get("model_fields", {})
-    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    # The objective is in model_fields only when it is not flow (older checkpoints predate the
+    # key), so it is compared on its own: a DDPM checkpoint read as flow would otherwise pass here
+    # and fail later on the output layer's shape (DDPM's model also predicts the variance).
+    their_obj = theirs.get("objective", meta.get("config", {}).get("objective", "flow"))
+    if their_obj != cfg.objective:
+        raise ValueError(
+            f"checkpoint {path} was trained with objective={their_obj!r}, the config says "
+            f"objective={cfg.objective!r}: the objective defines the model's output and its loss. "
+            f"Set objective={their_obj} (and a sampler of it) to resume or sample this checkpoint"
+        )
+    diff = {
+        k: (theirs.get(k), v) for k, v in mine.items() if k != "objective" and theirs.get(k) != v
+    }
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} is from another model ({detail})")

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 CKPT_PREFIX = "step-"
 FORMAT_VERSION = 1
 
+# In-process memo of the sha256 of files verified before (readers may not leave a marker in a run
+# directory, so nothing of it is on disk). Key: the file's identity and the kernel's record of its
+# last change, (device, inode, size, mtime_ns, ctime_ns). Any write, truncation, replacement or
+# utime sets ctime to the current time (no system call sets it back), so a file changed since it
+# was hashed never matches its old key. A file whose ctime is within RACY_S of the moment it was
+# hashed is not memoized (git's "racy clean" rule): on a file system with coarse timestamps a write
+# in the same tick could keep the key. Published checkpoints are never rewritten, only removed;
+# what the memo cannot see is damage below the file system (media errors), which a fresh process
+# (every resume, every diffmoe-sample / diffmoe-eval run) hashes again.
+RACY_S = 2.0
+_SHA_MEMO: dict[tuple[int, ...], str] = {}
+_SHA_MEMO_MAX = 4096  # entries; cleared when full (a few checkpoints of a few files each in use)
+
 
 def checkpoint_meta(
     cfg: Config, step: int, world_size: int, extra: dict[str, Any] | None
@@ -109,7 +122,7 @@ def _verify(path: Path, full: bool) -> str | None:
         size = f.stat().st_size
         if size != info["size"]:
             return f"{f} has {size} bytes, manifest says {info['size']} (truncated?)"
-        if full and sha256_file(f) != info["sha256"]:
+        if full and _sha256_memo(f) != info["sha256"]:
             return f"{f} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -166,3 +179,22 @@ def no_verified_checkpoint_message(ckpt_root: str | os.PathLike[str]) -> str:
         return f"no checkpoint under '{ckpt_root}'"
     bad = "; ".join(f"{p.name}: {verify_checkpoint(p) or 'ok now'}" for p in found)
     return f"no checkpoint under '{ckpt_root}' verifies ({bad})"
+
+
+def _stat_key(f: Path) -> tuple[tuple[int, ...], float]:
+    st = f.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), st.st_ctime
+
+
+def _sha256_memo(f: Path) -> str:
+    """sha256_file(f), remembered for this process while the file provably did not change."""
+    key, ctime = _stat_key(f)
+    hit = _SHA_MEMO.get(key)
+    if hit is not None:
+        return hit
+    digest = sha256_file(f)
+    if time.time() - ctime > RACY_S and _stat_key(f)[0] == key:  # unchanged while it was read
+        if len(_SHA_MEMO) >= _SHA_MEMO_MAX:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[key] = digest
+    return digest

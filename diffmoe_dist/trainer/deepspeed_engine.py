@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from diffmoe_dist.checkpoint import expert_params, split_experts
 from diffmoe_dist.models.moe import MoELayer
+from diffmoe_dist.parallel.distributed import all_reduce
 from diffmoe_dist.parallel.groups import init_deepspeed_comm
 from diffmoe_dist.trainer.deepspeed_config import build_deepspeed_config
 from diffmoe_dist.trainer.trainer import Trainer
@@ -151,20 +152,16 @@ class DeepSpeedCheckpointState:
 
     def checkpoint_state(self, model: nn.Module, gather: bool = True) -> dict[str, torch.Tensor]:
         """Flat state (checkpoint/state.py keys); ``gather=False`` allocates load buffers only."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
         self._ensure_state()
         step = self._step() if gather else 0.0
         experts = expert_params(model)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        full = _gather_full_fp32(params) if gather else None
         out: dict[str, torch.Tensor] = {}
         self._full = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if gather:
-                ent = {"param": safe_get_full_fp32_param(p)}
-                ent.update({k: safe_get_full_optimizer_state(p, k) for k in ADAM_KEYS})
-                ent = {k: v.detach().reshape(p.shape).float() for k, v in ent.items()}
+        for name, p in params:
+            if full is not None:
+                ent = full[name]
             else:
                 ent = {
                     k: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -196,6 +193,46 @@ class DeepSpeedCheckpointState:
         inner = self.opt.optimizer
         for flat in self._flat_partitions():  # every group steps together: one step count
             inner.state[flat]["step"].fill_(step)
+
+
+def _gather_full_fp32(
+    params: list[tuple[str, nn.Parameter]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"param", "exp_avg", "exp_avg_sq"}: full fp32 tensors shaped like the parameter.
+
+    DeepSpeed's ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` do this one tensor
+    at a time: zeros, this rank's ZeRO fragment copied in, a SUM all-reduce over the parameter's
+    data-parallel group; 3 all-reduces per parameter. Here every fragment of every parameter goes
+    into one zero buffer per group (the world for dense parameters, the expert-data-parallel group
+    for experts) and one all-reduce per group assembles them: the same sums, so the same values.
+    """
+    by_group: dict[int, tuple[Any, list[tuple[str, nn.Parameter]]]] = {}
+    for name, p in params:  # same order on every rank: the collectives match
+        by_group.setdefault(id(p._dp_group), (p._dp_group, []))[1].append((name, p))
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for group, members in by_group.values():
+        device = members[0][1].device
+        buf = torch.zeros(
+            sum(3 * p.numel() for _, p in members), dtype=torch.float32, device=device
+        )
+        off, slots = 0, []
+        for name, p in members:
+            n = p.numel()
+            ent = {}
+            for k in ("param", *ADAM_KEYS):
+                dst = buf[off : off + n]
+                mapping = p._hp_mapping  # None where this rank holds no fragment of p
+                if mapping is not None:
+                    frag = mapping.get_hp_fragment(None if k == "param" else k)
+                    addr = mapping.lp_fragment_address
+                    dst[addr.start : addr.start + addr.numel].copy_(frag.detach().reshape(-1))
+                ent[k] = dst.view(p.shape)
+                off += n
+            slots.append((name, ent))
+        if dist.get_world_size(group) > 1:
+            all_reduce(buf, group, device)
+        out.update(slots)
+    return out
 
 
 def checkpoint_view(engine: Any, model: nn.Module) -> Any:

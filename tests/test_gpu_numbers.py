@@ -31,6 +31,11 @@ SMALL = {
     "TOKENS": "512",
     "REPEATS": "1",
     "PRECISION": "bf16",
+    "STEP_SIZES": "S",
+    "STEP_IMAGES": "2",
+    "STEP_ARGS": "--set=model.input_size=8 --set=model.depth=2 --set=model.hidden_size=32 "
+    "--set=model.num_heads=2 --set=model.num_classes=10 --set=moe.num_experts=4 "
+    "--warmup=1 --repeats=1",
 }
 
 
@@ -64,5 +69,15 @@ def test_gpu_numbers_script_on_cpu(tmp_path: Path) -> None:
     # a throughput run writes no checkpoint (32 GB for L-E16 on a GPU)
     assert not [p for p in out.rglob("step-*") if p.is_dir()], sorted(out.rglob("step-*"))
     assert list(out.rglob("metrics.jsonl"))
+    # 3/3: the training-step benchmark's JSON (issue 15 shape), DiffMoE against Dense-DiT
+    from diffmoe_dist.bench.step_bench import validate_result as validate_step
+
+    step = json.loads((out / "step.json").read_text())
+    validate_step(step)
+    assert [(c["model"], c["ranks"]) for c in step["cases"]] == [
+        ("Dense-DiT-S", 1),
+        ("DiffMoE-S-E16", 1),
+    ]
+    assert "DiffMoE-S-E16" in res.stdout  # the table printed from step.json
     again = _run(out)
     assert again.returncode == 2 and "already has results" in again.stderr

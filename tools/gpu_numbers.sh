@@ -4,13 +4,17 @@
 #      E8 / E16, pools of 16384 (64 images) and 65536 tokens: ms, ratio vs dense, TFLOP/s, MFU;
 #   2. synthetic latents (tools/make_synthetic_latents.py) and a short bf16 training run of
 #      DiffMoE-L-E16 through tools/scaling_study.py (one layout): samples/s, model TFLOP/s and MFU
-#      per GPU (diffmoe_dist/models/flops.py), peak memory, after WARMUP logged steps.
+#      per GPU (diffmoe_dist/models/flops.py), peak memory, after WARMUP logged steps;
+#   3. tools/bench_step.py --device cuda --dtype bf16: the whole training step of DiffMoE-L-E16
+#      against Dense-DiT-L, one GPU, 32 images (issue 15: MFU against the matmul peak measured in
+#      the same run, host syncs per step, peak memory) -> step.json.
 #
 #   bash tools/gpu_numbers.sh OUT_DIR      (--help: this text)
 #
 # Everything is overridable from the environment (defaults in brackets): DEVICE [cuda], CONFIG
 # [configs/imagenet256/diffmoe_l_e16.yaml], MICRO [64] samples per step, STEPS [40], WARMUP [10],
-# WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16].
+# WIDTHS [384,768,1024], EXPERTS [8,16], TOKENS [16384,65536], REPEATS [5], PRECISION [bf16],
+# STEP_SIZES [L], STEP_IMAGES [32], STEP_ARGS [] (more bench_step.py flags, e.g. --set k=v).
 # Memory: the planner's model (diffmoe_dist/planner/cost_model.py) puts DiffMoE-L-E16 at about 61 GB per
 # GPU at MICRO=64 (fp32 weights + AdamW + EMA, bf16 activations) and 51 GB at MICRO=32.
 # No checkpoint is written (train.ckpt_every past the end, train.save_final=false): the run only
@@ -35,6 +39,9 @@ EXPERTS=${EXPERTS:-8,16}
 TOKENS=${TOKENS:-16384,65536}
 REPEATS=${REPEATS:-5}
 PRECISION=${PRECISION:-bf16}
+STEP_SIZES=${STEP_SIZES:-L}
+STEP_IMAGES=${STEP_IMAGES:-32}
+STEP_ARGS=${STEP_ARGS:-}
 PYTHON=${PYTHON:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -53,7 +60,7 @@ DTYPE=$PRECISION
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 } > "$OUT/machine.txt"
 
-echo "== 1/2 bench_moe ($DEVICE, $DTYPE)"
+echo "== 1/3 bench_moe ($DEVICE, $DTYPE)"
 "$PYTHON" "$HERE/tools/bench_moe.py" --device "$DEVICE" --dtype "$DTYPE" --widths "$WIDTHS" \
     --experts "$EXPERTS" --tokens "$TOKENS" --repeats "$REPEATS" --json > "$OUT/bench.json"
 "$PYTHON" - "$OUT/bench.json" <<'EOF'
@@ -67,7 +74,7 @@ for c in r["cases"]:
           f"TFLOP/s {c.get('tflops') or 0:7.1f}  MFU {mfu if mfu is not None else '-'}")
 EOF
 
-echo "== 2/2 training throughput ($CONFIG, $PRECISION, micro $MICRO, $STEPS steps)"
+echo "== 2/3 training throughput ($CONFIG, $PRECISION, micro $MICRO, $STEPS steps)"
 "$PYTHON" "$HERE/tools/make_synthetic_latents.py" --config "$CONFIG" --out "$OUT/latents" \
     --count $((MICRO * 4))
 "$PYTHON" "$HERE/tools/scaling_study.py" --config "$CONFIG" --out "$OUT" --steps "$STEPS" \
@@ -75,4 +82,9 @@ echo "== 2/2 training throughput ($CONFIG, $PRECISION, micro $MICRO, $STEPS step
     --set data.name=latents --set "data.path=$OUT/latents" --set "train.precision=$PRECISION" \
     --set "moe.pool_samples=$MICRO" --set train.log_every=1 --set "train.ckpt_every=$((STEPS + 1))" \
     --set train.save_final=false --set run.progress=false
-echo "gpu_numbers: results in $OUT (machine.txt, bench.json, results.md, results.csv)"
+echo "== 3/3 bench_step ($DEVICE, $DTYPE, sizes $STEP_SIZES, $STEP_IMAGES images, 1 process)"
+# shellcheck disable=SC2086  # STEP_ARGS is a list of flags
+"$PYTHON" "$HERE/tools/bench_step.py" --device "$DEVICE" --dtype "$DTYPE" --sizes "$STEP_SIZES" \
+    --images "$STEP_IMAGES" --ranks 1 $STEP_ARGS --json > "$OUT/step.json"
+"$PYTHON" "$HERE/tools/bench_step.py" --table "$OUT/step.json"
+echo "gpu_numbers: results in $OUT (machine.txt, bench.json, results.md, results.csv, step.json)"

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from diffmoe_dist.checkpoint import CheckpointWriteError
-        from diffmoe_dist.trainer.trainer import NonFiniteError
+        from diffmoe_dist.trainer.nonfinite import NonFiniteError
 
         if cfg.engine == "deepspeed":
             from diffmoe_dist.trainer.deepspeed_engine import DeepSpeedTrainer as TrainerCls

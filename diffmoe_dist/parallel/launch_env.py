@@ -29,7 +29,7 @@ LaunchSource = Literal["torchrun", "mpi", "slurm", "single"]
 
 # Environment variables whose presence means "an MPI launcher started this process".
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _this_host_address() -> str:
 
 
 def _from_torchrun() -> LaunchEnv:
-    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    missing = [name for name in TORCHRUN_VARS if name not in os.environ]
     if missing:
         raise ValueError(
             f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import diffmoe_dist
+from diffmoe_dist.parallel.launch_env import TORCHRUN_VARS
 
 # The directory that holds the imported diffmoe_dist: put first on the children's PYTHONPATH so a
 # training launched by a study runs the same code as the study (a checkout, not an older install).
 PACKAGE_ROOT = Path(diffmoe_dist.__file__).resolve().parents[1]
 # A study run under torchrun / SLURM must not pass its own rank identity on to the runs it starts.
-LAUNCHER_IDENTITY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_IDENTITY = TORCHRUN_VARS
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:

@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diffmoe_dist.config import Config, load_config, validate_layout
 from diffmoe_dist.models.moe import INFER_RULES, ROUTING_MODES
+from diffmoe_dist.models.params import count_config_params
 from diffmoe_dist.models.registry import FAMILIES
 from diffmoe_dist.studies.common import (
     parse_int_list,
@@ -213,15 +212,6 @@ def resolve(spec: RoutingSpec, v: Variant, seed: int, run_dir: Path) -> Config:
     return cfg
 
 
-def param_counts(cfg: Config) -> dict[str, int]:
-    from diffmoe_dist.models.dit import DiffMoE
-    from diffmoe_dist.models.params import count_params
-    from diffmoe_dist.transport.objective import model_out_channels
-
-    with torch.device("meta"):  # shapes only
-        return count_params(DiffMoE(cfg.model, cfg.moe, out_channels=model_out_channels(cfg)))
-
-
 # ----------------------------------------------------------------------------------------------------
 # runner: one run = train (subprocess), evaluate (subprocess)
 
@@ -289,7 +279,7 @@ def run_study(spec: RoutingSpec) -> StudyResult:
     params = {}
     for v in vs:  # every layout checked before the first run starts
         cfg = resolve(spec, v, 0, spec.work_dir / v.key / "seed0")
-        params[v.key] = param_counts(cfg)
+        params[v.key] = count_config_params(cfg)
     acts = {params[v.key]["activated"] for v in vs}
     if len(acts) != 1:
         raise AssertionError(f"variants differ in activated params: {params}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 
 from diffmoe_dist.config import ModelConfig, MoEConfig
+from diffmoe_dist.models.moe import MOE_MODES, ROUTING_MODES
 from diffmoe_dist.models.routing import capacity_k
 
 FREQ_EMBED = 256  # TimestepEmbedder's sinusoidal frequency size
@@ -90,8 +91,8 @@ def ffn_forward_flops_per_token(
     ffn = 4.0 * dim * hidden
     if mode == "dense":
         return {"ffn": ffn}
-    if mode not in ("tc", "ec", "diffmoe"):
-        raise ValueError(f"moe.mode={mode!r}; expected dense, tc, ec or diffmoe")
+    if mode not in MOE_MODES:
+        raise ValueError(f"moe.mode={mode!r}; expected one of {ROUTING_MODES}")
     parts = {"experts": ffn * pairs, "router": 2.0 * dim * num_experts}
     if mode == "diffmoe" and predictor:
         parts["predictor"] = 2.0 * dim * dim + 2.0 * dim * num_experts

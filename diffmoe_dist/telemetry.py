@@ -166,11 +166,16 @@ class ExpertTelemetry:
             keep = keep.repeat(B // keep.numel())
         bucket = t_bucket(t, self.num_buckets)
         label = y.detach().to(dev).long()
-        # checked on the host only where it costs no device sync (on CUDA, index_add_ asserts)
-        if label.device.type == "cpu" and (
-            int(label.min()) < 0 or int(label.max()) >= self.num_labels
-        ):
-            raise ValueError(f"telemetry: labels outside [0, {self.num_labels})")
+        # Label bounds, before any counter changes, without reading the labels on the host (a read
+        # per forward is a host sync the step's budget does not allow): CPU index_add_ checks its
+        # index itself, so a throwaway add raises. On CUDA index_add_ asserts on the device instead.
+        if label.device.type == "cpu":
+            try:
+                torch.zeros(self.num_labels, dtype=torch.float64).index_add_(
+                    0, label, torch.ones(B, dtype=torch.float64)
+                )
+            except IndexError as e:
+                raise ValueError(f"telemetry: labels outside [0, {self.num_labels})") from e
         w = keep.double()
         for i, s in enumerate(stats):
             if s.token_pairs is None:  # dense FFN: one expert per token

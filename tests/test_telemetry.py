@@ -94,8 +94,11 @@ def test_padding_and_cfg_batch() -> None:
     assert s["t_bucket_tokens"][2] == 2 and s["t_bucket_tokens"][7] == 0
     assert s["tokens_per_expert"] == [[1, 1]]
     assert s["pred_precision_per_layer"] == [None]
-    with pytest.raises(ValueError, match="labels outside"):
-        tele.add([_stats(route)], t, torch.tensor([0, 1, 2, 3]))
+    # a label out of range is refused before any counter changes (checked without a host read)
+    for bad in ([0, 1, 2, 3], [0, 1, 2, -1]):
+        with pytest.raises(ValueError, match="labels outside"):
+            tele.add([_stats(route)], t, torch.tensor(bad))
+    assert tele.summary() == s
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,12 +1,7 @@
-"""Sample from a checkpoint and score the samples; or score a samples file (``diffmoe-eval``).
-
-Digits job: the digits judge (quality/digits.py): the accuracy of the samples against the labels
-they were conditioned on and a Frechet distance to held-out real digits.
-ImageNet latents: FID, Inception Score and precision/recall (quality/fid.py) against a reference
-``.npz`` (images under ``arr_0`` and/or ``mu``/``sigma``, e.g. ADM's VIRTUAL_imagenet256_labeled.npz),
-with the samples decoded by a local VAE and Inception weights from a local file.
-Every result carries C_infer of the inference rule used (``--set moe.infer_mode=dynamic`` etc.).
-A missing --ref or --inception, or one that cannot be read, is refused before any sampling.
+"""Scoring: ``evaluate_checkpoint`` samples from a checkpoint and scores the samples,
+``evaluate_samples`` scores a samples file. What is scored for which job, and the command line, are in
+the docstring of ``diffmoe-eval`` (diffmoe_dist/evaluate.py), which calls these two. A missing --ref or
+--inception, or one that cannot be read, is refused before any sampling.
 """
 
 from __future__ import annotations

@@ -21,7 +21,13 @@ def test_gpu_checks_run_on_two_cpu_ranks(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += [str(REPO / "tools" / "gpu_smoke_checks.py"), "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Known, seen once in 4 runs (2026-12-01): after every check passed and rank 0 wrote the result,
+    # a rank can abort in gloo's teardown ("terminate called without an active exception", SIGABRT)
+    # -- the rank0_wait check deliberately outlasts the group's 10 s timeout. That exit is tolerated
+    # ONLY with that message; any other non-zero exit fails, and the checks themselves must pass.
+    teardown_abort = "terminate called without an active exception" in proc.stderr
+    assert proc.returncode == 0 or (teardown_abort and out.exists()), log
     res = json.loads(out.read_text())
     assert res["world_size"] == 2
     names = {

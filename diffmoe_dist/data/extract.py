@@ -293,7 +293,7 @@ def extract(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line (tools/extract_latents.py); one process per rank under torchrun / srun."""
-    from diffmoe_dist.parallel.distributed import cleanup, init_distributed, print0
+    from diffmoe_dist.parallel.distributed import cleanup, init_distributed
 
     p = argparse.ArgumentParser(
         prog="extract_latents",
@@ -344,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         cleanup()
-    print0(json.dumps(summary))
+    # info.rank, not print0: after cleanup() there is no process group, and print0 prints on every rank
+    if info.rank == 0:
+        print(json.dumps(summary), flush=True)
     return 0
 
 
